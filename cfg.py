@@ -1,0 +1,26 @@
+"""Project-wide constants and defaults shared by every script."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+IGNORE_INDEX = 255  # label value for void/unlabelled pixels: excluded from loss and metrics
+CROP_SIZE = (352, 480)  # (H, W) train crop; divisible by 32 so every pooling stage is exact
+EVAL_SIZE = (360, 480)  # CamVid's native resolution, the benchmark protocol
+MIN_INPUT_SIDE = 32  # five 2x poolings need at least this much
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_SUFFIX = "_L"  # CamVid masks are <stem>_L.png
+SPLITS = ("train", "val", "test")
+DEFAULT_CLASS_DICT = REPO_ROOT / "data" / "class_dict.csv"
+
+
+def default_data_root() -> str:
+    """`$CAMVID_ROOT` when set, else `data/CamVid`."""
+    return os.environ.get("CAMVID_ROOT") or "data/CamVid"
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""

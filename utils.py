@@ -1,0 +1,195 @@
+"""Shared plumbing for the CLIs: devices, AMP, distributed set-up, checkpoints, logs and plots."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from cfg import UserError
+from dataset import ClassTable, colorize
+from fcn import FCN, FCNConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device: expected auto, cpu or cuda, got '{name}'")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; None (fp32) on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The one autocast context of the project: a no-op when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on CUDA, gloo on CPU."""
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    if not info.enabled:
+        return info, device
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def agreed(self, device: torch.device, dist_info: DistInfo) -> bool:
+        """True when any process was asked to stop (all ranks must leave the loop at the same step)."""
+        if not dist_info.enabled:
+            return self.requested
+        flag = torch.tensor([int(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---------------------------------------------------------------- files
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save a checkpoint dict atomically: a crash never leaves a truncated file."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def copy_atomic(source: str | Path, destination: str | Path) -> None:
+    """Copy a file so that the destination is either the old or the complete new file."""
+    atomic_write(destination, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint on the CPU with weights_only=True; a missing or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")
+    return state
+
+
+def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) -> FCN:
+    """Rebuild the network the checkpoint describes and check it fits the class table."""
+    config = FCNConfig(**state["config"]["model"])
+    if config.num_classes != table.num_classes:
+        raise UserError(f"{source}: checkpoint predicts {config.num_classes} classes but the class table "
+                        f"has {table.num_classes}")
+    model = FCN(config)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def write_history(rows: list[dict], path: str | Path) -> None:
+    """history.csv from the rows kept in the checkpoint, so the two never disagree."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if rows:
+        atomic_write(path, write)
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> None:
+    """Loss and validation metric curves per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in rows]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [row["train_loss"] for row in rows], label="train")
+    loss_axis.plot(epochs, [row["val_loss"] for row in rows], label="val")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    for key, label in (("val_miou", "MIoU"), ("val_pa", "PA"), ("val_mpa", "MPA")):
+        metric_axis.plot(epochs, [row[key] for row in rows], label=label)
+    metric_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    for axis in (loss_axis, metric_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    plt.close(figure)
+
+
+def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor, table: ClassTable) -> Image.Image:
+    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels)."""
+    rows = []
+    for image, target, predicted in zip(images.cpu(), truth.cpu().numpy(), prediction.cpu().numpy()):
+        rows.append(np.concatenate([image.permute(1, 2, 0).numpy(), colorize(target, table),
+                                    colorize(predicted, table)], axis=1))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
