@@ -66,6 +66,24 @@ class RandomCrop:
         return image[:, rows, cols], mask[rows, cols]
 
 
+def resize_pair(image: torch.Tensor, mask: torch.Tensor, factor: float) -> Sample:
+    """Resize by factor: image bilinear (antialiased), mask NEAREST so labels never blend."""
+    size = [max(1, round(mask.shape[0] * factor)), max(1, round(mask.shape[1] * factor))]
+    image = TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask[None], size, InterpolationMode.NEAREST)[0]
+    return image, mask
+
+
+class Resize:
+    """Deterministic resize by a fixed factor (reduced-resolution smoke runs)."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, rng: torch.Generator | None = None) -> Sample:
+        return resize_pair(image, mask, self.factor)
+
+
 class RandomScale:
     """Resize by a factor drawn from [low, high]: image bilinear, mask NEAREST (labels never blend)."""
 
@@ -73,11 +91,7 @@ class RandomScale:
         self.low, self.high = low, high
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, rng: torch.Generator | None = None) -> Sample:
-        factor = uniform(rng, self.low, self.high)
-        size = [max(1, round(mask.shape[0] * factor)), max(1, round(mask.shape[1] * factor))]
-        image = TF.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], size, InterpolationMode.NEAREST)[0]
-        return image, mask
+        return resize_pair(image, mask, uniform(rng, self.low, self.high))
 
 
 class RandomHorizontalFlip:
@@ -107,9 +121,10 @@ class ColorJitter:
 
 
 def train_transform(crop: tuple[int, int] = cfg.CROP_SIZE, scale: tuple[float, float] | None = None,
-                    random_crop: bool = False, flip: bool = False, jitter: float = 0.0) -> Compose:
-    """The training pipeline: optional scale, crop (centre by default), optional flip and jitter."""
-    steps: list[JointTransform] = []
+                    random_crop: bool = False, flip: bool = False, jitter: float = 0.0,
+                    downscale: float = 1.0) -> Compose:
+    """The training pipeline: optional downscale and random scale, crop (centre by default), flip, jitter."""
+    steps: list[JointTransform] = [Resize(1 / downscale)] if downscale != 1 else []
     if scale is not None:
         steps.append(RandomScale(*scale))
     steps.append(RandomCrop(crop) if random_crop or scale is not None else CenterCrop(crop))
@@ -120,6 +135,7 @@ def train_transform(crop: tuple[int, int] = cfg.CROP_SIZE, scale: tuple[float, f
     return Compose(steps)
 
 
-def eval_transform(crop: tuple[int, int] | None = None) -> Compose:
+def eval_transform(crop: tuple[int, int] | None = None, downscale: float = 1.0) -> Compose:
     """Evaluation: full resolution (the benchmark protocol), or the deterministic centre crop."""
-    return Compose([CenterCrop(crop)] if crop is not None else [])
+    steps: list[JointTransform] = [Resize(1 / downscale)] if downscale != 1 else []
+    return Compose(steps + ([CenterCrop(crop)] if crop is not None else []))

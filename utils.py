@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -129,7 +130,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")

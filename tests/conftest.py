@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny CamVid-layout folder written per test session, and a narrow-model train run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cfg  # noqa: E402
+from dataset import ClassTable  # noqa: E402
+
+SIZE = (64, 96)  # H, W: tiny, not a multiple of 32, so padding and cropping paths run
+SMALL_TRAIN = ["--fc-width", "16", "--backbone", "vgg16", "--batch-size", "2", "--eval-batch-size", "2",
+               "--workers", "0", "--crop-size", "64", "64", "--log-every", "1"]
+
+
+def make_sample(rng: np.random.Generator, table: ClassTable) -> tuple[np.ndarray, np.ndarray]:
+    """A blocky label map (with a void stripe) and a photo whose colour follows the labels, plus noise."""
+    blocks = rng.integers(0, table.num_classes, size=(4, 6))
+    labels = np.kron(blocks, np.ones((SIZE[0] // 4, SIZE[1] // 6), dtype=np.int64))
+    labels[:, :3] = cfg.IGNORE_INDEX
+    palette = table.palette()
+    photo = palette[labels].astype(np.int64) + rng.integers(-20, 20, size=(*SIZE, 3))
+    return np.clip(photo, 0, 255).astype(np.uint8), labels
+
+
+def write_camvid(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """A CamVid-layout folder: split/<stem>.png|jpg and split_labels/<stem>_L.png with class_dict colours."""
+    table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+    rng = np.random.default_rng(seed)
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "class_dict.csv").write_text(cfg.DEFAULT_CLASS_DICT.read_text())
+    for split, count in counts.items():
+        (root / split).mkdir(exist_ok=True)
+        (root / f"{split}_labels").mkdir(exist_ok=True)
+        for index in range(count):
+            photo, labels = make_sample(rng, table)
+            stem = f"{split}_{index:03d}"
+            extension = ".png" if index % 2 == 0 else ".jpg"  # both kinds CamVid copies use
+            Image.fromarray(photo).save(root / split / f"{stem}{extension}")
+            Image.fromarray(table.palette()[labels]).save(root / f"{split}_labels" / f"{stem}_L.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def camvid(tmp_path_factory) -> Path:
+    """4 train, 3 val, 3 test images of 64×96."""
+    return write_camvid(tmp_path_factory.mktemp("camvid") / "CamVid", {"train": 4, "val": 3, "test": 3})
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a repo script in a subprocess with the repo as working directory."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CAMVID_ROOT": ""}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(camvid: Path, tmp_path_factory) -> Path:
+    """A run folder after 1 epoch then --resume to 2 epochs (shared by the CLI tests)."""
+    out = tmp_path_factory.mktemp("run")
+    common = ["train.py", "--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN]
+    run_cli(*common, "--epochs", "1")
+    run_cli(*common, "--epochs", "2", "--resume")
+    return out

@@ -1,0 +1,99 @@
+"""FCN model: bilinear initialisation, output shapes, pretrained loading."""
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import models
+
+import fcn
+from cfg import UserError
+from fcn import FCN, FCNConfig, bilinear_kernel, upsampler
+
+
+def test_bilinear_kernel_values():
+    weight = bilinear_kernel(2, 2, 4)
+    ramp = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.allclose(weight[0, 0], ramp[:, None] * ramp[None, :])
+    assert torch.allclose(weight[1, 1], weight[0, 0])
+    assert weight[0, 1].abs().sum() == 0 and weight[1, 0].abs().sum() == 0  # channels are not mixed
+
+
+def test_bilinear_kernel_odd_size_peaks_at_centre():
+    weight = bilinear_kernel(1, 1, 3)[0, 0]
+    assert weight[1, 1] == 1 and torch.allclose(weight[0], torch.tensor([0.25, 0.5, 0.25]))
+
+
+@pytest.mark.parametrize("stride", [2, 8, 32])
+def test_upsampler_matches_bilinear_interpolation_inside(stride):
+    x = torch.randn(1, 3, 5, 6)
+    ours = upsampler(3, stride)(x)
+    reference = F.interpolate(x, scale_factor=stride, mode="bilinear", align_corners=False)
+    assert ours.shape == reference.shape
+    inner = slice(stride, -stride)  # borders differ: the transposed conv sees zeros beyond the edge
+    assert torch.allclose(ours[..., inner, inner], reference[..., inner, inner], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", fcn.VARIANTS)
+@pytest.mark.parametrize("size", [(32, 32), (45, 77), (97, 33)])
+def test_output_has_input_size(variant, size):
+    model = FCN(FCNConfig(variant, "vgg16", num_classes=5, fc_width=8)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 5, *size)
+
+
+def test_bn_backbone_and_small_input_error():
+    model = FCN(FCNConfig("fcn8s", "vgg16_bn", num_classes=3, fc_width=8)).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(ValueError, match="smaller than 32x32"):
+        model(torch.randn(1, 3, 31, 64))
+
+
+def test_skips_change_the_output():
+    """fcn8s must use pool3 and pool4: perturbing the score_pool3 layer changes its output."""
+    torch.manual_seed(0)
+    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=3, fc_width=8)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    with torch.no_grad():
+        model.score_pool3.bias.fill_(1.0)
+    assert not torch.allclose(model(x), before)
+
+
+def test_bad_variant_is_a_user_error():
+    with pytest.raises(UserError, match="--model"):
+        FCNConfig(variant="fcn4s")
+
+
+def test_pretrained_from_path_convolutionalises_fc(tmp_path):
+    torch.manual_seed(0)
+    vgg = models.vgg16(weights=None)
+    path = tmp_path / "vgg16.pth"
+    torch.save(vgg.state_dict(), path)
+    model = FCN(FCNConfig("fcn32s", "vgg16", num_classes=11))
+    fcn.load_vgg_weights(model, str(path))
+    assert torch.equal(model.features[0].weight, vgg.features[0].weight)
+    assert torch.equal(model.fc6.weight.flatten(1), vgg.classifier[0].weight)
+    assert torch.equal(model.fc7.weight.flatten(1), vgg.classifier[3].weight)
+    # The convolutionalised fc6 computes the same as the Linear layer on a 7×7 pool5 map.
+    pool5 = torch.randn(1, 512, 7, 7)
+    conv = F.conv2d(pool5, model.fc6.weight, model.fc6.bias)  # no padding: one output position
+    assert torch.allclose(conv.flatten(), vgg.classifier[0](pool5.flatten(1)).flatten(), atol=1e-4)
+
+
+def test_pretrained_wrong_backbone_file(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save(models.vgg16(weights=None).state_dict(), path)
+    model = FCN(FCNConfig("fcn8s", "vgg16_bn", num_classes=11, fc_width=8))
+    with pytest.raises(UserError, match="not a vgg16_bn state dict"):
+        fcn.load_vgg_weights(model, str(path))
+
+
+def test_pretrained_without_network_is_one_clear_error(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(models.VGG16_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=11, fc_width=8))
+    with pytest.raises(UserError, match="--pretrained: cannot download"):
+        fcn.load_vgg_weights(model, "imagenet")

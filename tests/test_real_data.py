@@ -1,0 +1,34 @@
+"""Integration on a few real CamVid images from $CAMVID_ROOT (skipped when unset)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import cfg
+from conftest import SMALL_TRAIN, run_cli
+from dataset import CamVidDataset, ClassTable, find_pairs
+
+ROOT = os.environ.get("CAMVID_ROOT")
+pytestmark = pytest.mark.skipif(not ROOT, reason="CAMVID_ROOT is not set")
+
+
+def test_real_splits_pair_and_encode():
+    table = ClassTable.from_csv(Path(ROOT) / "class_dict.csv")
+    assert len(find_pairs(ROOT, "train")) == 367 and len(find_pairs(ROOT, "val")) == 101
+    image, labels = CamVidDataset(ROOT, "val", table, limit=1)[0]
+    assert image.shape == (3, *cfg.EVAL_SIZE) and labels.shape == cfg.EVAL_SIZE
+
+
+def test_train_test_predict_on_real_images(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train.py", "--data-root", ROOT, "--out", str(out), *SMALL_TRAIN, "--limit", "2", "--epochs", "1",
+            "--downscale", "4")
+    report = tmp_path / "test.json"
+    run_cli("test.py", "--data-root", ROOT, "--weights", str(out / "best.pth"), "--split", "test", "--limit", "2",
+            "--json", str(report), "--workers", "0")
+    metrics = json.loads(report.read_text())
+    assert 0 <= metrics["miou"] <= 1 and len(metrics["iou"]) == 11
+    run_cli("predict.py", "--weights", str(out / "best.pth"), "--input", str(Path(ROOT) / "test"),
+            "--out", str(tmp_path / "masks"))
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 4
