@@ -95,7 +95,8 @@ class MaskEncoder:
 
     def __call__(self, rgb: np.ndarray, source: str | Path = "<mask>") -> np.ndarray:
         """H×W×3 uint8 colours -> H×W uint8 labels."""
-        labels = self.table[packed_color_hash(rgb)].reshape(rgb.shape[:2])
+        # np.take with the uint32 hashes directly: table[hashes] would first copy them to int64
+        labels = np.take(self.table, packed_color_hash(rgb)).reshape(rgb.shape[:2])
         unknown = labels == self.UNKNOWN
         if unknown.any():
             raise UserError(f"{source}: {describe_unknown_colors(color_hash(rgb[unknown]))} not in class_dict.csv")
@@ -134,14 +135,21 @@ def colorize(labels: np.ndarray, table: ClassTable) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Decode any image PIL or torchvision reads as a 3×H×W uint8 tensor (greyscale/RGBA converted)."""
+    """Decode any image PIL or torchvision reads as a contiguous 3×H×W uint8 tensor (greyscale/RGBA converted)."""
+    # Decoders write H×W×3; numpy's transposing copy is about twice as fast as the strided copy that
+    # collating H×W×3-backed views would do, and crops of the contiguous result collate at memcpy speed.
+    return torch.from_numpy(np.ascontiguousarray(read_rgb(path).transpose(2, 0, 1)))
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode any image PIL or torchvision reads as an H×W×3 uint8 array (greyscale/RGBA converted)."""
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
     except RuntimeError:
         pass  # a format torchvision.io cannot decode (bmp, tiff, ...): PIL may
     try:
         with Image.open(path) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+            return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from exc
 
@@ -203,7 +211,7 @@ class CamVidDataset(Dataset):
             return self.cache[index]
         _, image_path, mask_path = self.pairs[index]
         image = read_image(image_path)
-        colors = read_image(mask_path).permute(1, 2, 0).contiguous().numpy()
+        colors = read_rgb(mask_path)
         if image.shape[1:] != colors.shape[:2]:
             raise UserError(f"{mask_path}: size {colors.shape[1]}x{colors.shape[0]} differs from "
                             f"its image {image_path.name} ({image.shape[2]}x{image.shape[1]})")
@@ -242,7 +250,7 @@ class SeededSampler(Sampler):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return len(self.base) - self.skip
+        return max(0, len(self.base) - self.skip)  # a stop on the last step saves skip >= len
 
     def __iter__(self) -> Iterator[tuple[int, tuple[int, int]]]:
         for position, index in enumerate(self.base):

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +48,7 @@ class Loop:
     stop: utils.StopFlag = field(default_factory=utils.StopFlag)
     log_every: int = 10
     clip_grad: float = 0.0
+    seed: int = 0
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +88,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.dist.is_main, dynamic_ncols=True)
     for images, labels in bar:
         images, labels = to_device(images, labels, loop)
+        torch.manual_seed(step_seed(loop.seed, loop.dist.rank, epoch, done["steps"]))  # dropout masks
         with utils.autocast(loop.device, loop.amp):
             loss = loss_fn(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -107,6 +110,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     check_finite(loss_sum, epoch, done["steps"])
     done["loss_sum"] = loss_sum.item()
     return not loop.stop.requested
+
+
+def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """The global RNG seed (dropout) of one training step. Reseeding every step makes a run resumed at any
+    step, mid-epoch included, draw the same masks as an uninterrupted one with no RNG state in last.pth;
+    each rank gets its own stream."""
+    key = np.random.SeedSequence([seed % 2 ** 64, rank, epoch, step])
+    return int(key.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
@@ -187,10 +198,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
 
 def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tuple[DataLoader, DataLoader]:
     """Train loader (seeded per-epoch shuffle, sharded across ranks) and val loader (each sample once)."""
-    augment = train_transform(scale=args.scale, random_crop=args.random_crop, flip=args.flip, jitter=args.jitter)
+    crop = tuple(args.crop_size)
+    augment = train_transform(crop, args.scale, args.random_crop, args.flip, args.jitter, args.downscale)
     train_set = CamVidDataset(args.data_root, "train", table, augment, args.limit)
-    val_set = CamVidDataset(args.data_root, "val", table, eval_transform(cfg.CROP_SIZE if args.val_crop else None),
-                            args.limit)
+    val_crop = eval_transform(crop if args.val_crop else None, args.downscale)
+    val_set = CamVidDataset(args.data_root, "val", table, val_crop, args.limit)
     if args.cache:
         train_set.preload()
         val_set.preload()
@@ -262,7 +274,7 @@ def fresh_progress() -> dict:
 
 
 def end_of_epoch(run: dict, epoch: int, metrics: dict, seconds: float, loop: Loop) -> None:
-    """Log, plot and checkpoint (rank 0 only); best.pth follows last.pth when val MIoU improves."""
+    """Log, plot and checkpoint (rank 0 only); best.pth is written too when val MIoU improves."""
     args, out = run["args"], run["args"].out
     row = history_row(epoch, run["optimizer"].param_groups[0]["lr"], run["done"]["loss_sum"] / max(1, run["done"]["count"]),
                       metrics, seconds, run["table"].names)
@@ -274,9 +286,10 @@ def end_of_epoch(run: dict, epoch: int, metrics: dict, seconds: float, loop: Loo
         return
     print(f"epoch {epoch}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
           f"PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} MIoU {row['val_miou']:.4f} ({seconds:.1f}s)")
+    if improved:  # best.pth first: a kill between the two leaves last.pth one epoch back, so --resume redoes
+        # this epoch and writes best.pth again (the other order could lose the best epoch for good)
+        utils.save_checkpoint(checkpoint_state(run, epoch), out / "best.pth")
     save_run(run, epoch)
-    if improved:
-        utils.copy_atomic(out / "last.pth", out / "best.pth")
     utils.write_history(run["history"], out / "history.csv")
     utils.plot_curves(run["history"], out / "curves.png")
     save_val_samples(unwrap(run["model"]), run["val_loader"].dataset, run["table"], loop, out / "val_samples.png")
@@ -285,6 +298,14 @@ def end_of_epoch(run: dict, epoch: int, metrics: dict, seconds: float, loop: Loo
 def save_run(run: dict, epoch: int) -> None:
     """Write RUN_DIR/last.pth atomically."""
     utils.save_checkpoint(checkpoint_state(run, epoch), run["args"].out / "last.pth")
+
+
+def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: without SyncBatchNorm each
+    rank's last forward updated its own copy, but validation must score the one model last.pth saves."""
+    if dist_info.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def unwrap(model: nn.Module) -> FCN:
@@ -323,7 +344,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--random-crop", action="store_true", help="random instead of centre 352x480 crop")
     add("--flip", action="store_true", help="random horizontal flip")
     add("--jitter", type=float, default=0.0, help="photometric jitter strength (0: off)")
-    add("--val-crop", action="store_true", help="validate on the 352x480 centre crop instead of full 360x480")
+    add("--crop-size", type=int, nargs=2, default=list(cfg.CROP_SIZE), metavar=("H", "W"),
+        help="training crop (multiples of 32 keep every pooling exact)")
+    add("--val-crop", action="store_true", help="validate on the centre crop instead of the full image")
+    add("--downscale", type=float, default=1.0,
+        help="shrink train and val images by this factor first (2: half resolution, for CPU smoke runs)")
     add("--limit", type=int, help="use only the first K images (by stem) of each split")
     add("--out", type=Path, help="run folder (default weights/<model>)")
     add("--resume", action="store_true", help="continue from RUN_DIR/last.pth")
@@ -362,6 +387,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--ohem: expected a fraction in [0, 1), got {args.ohem}")
     if args.scale and not 0 < args.scale[0] <= args.scale[1]:
         raise UserError(f"--scale: expected 0 < MIN <= MAX, got {args.scale}")
+    if min(args.crop_size) < cfg.MIN_INPUT_SIDE:
+        raise UserError(f"--crop-size: expected at least {cfg.MIN_INPUT_SIDE} each side, got {args.crop_size}")
+    if args.downscale <= 0:
+        raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     if args.workers < 0:
         raise UserError(f"--workers: expected >= 0, got {args.workers}")
     if not Path(args.data_root).is_dir():
@@ -386,13 +415,16 @@ def setup(args: argparse.Namespace) -> dict:
     dist_info, device = utils.init_distributed(device)
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last, dist_info,
-                log_every=args.log_every, clip_grad=args.clip_grad)
+                log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
     resumed = utils.load_checkpoint(args.out / "last.pth") if args.resume else None
     model = build_model(args, table, resumed)
     train_loader, val_loader = build_loaders(args, table, loop)
-    if dist_info.enabled and model.config.backbone.endswith("_bn"):
+    if dist_info.enabled and model.config.backbone.endswith("_bn") and device.type == "cuda":
+        # SyncBatchNorm only on CUDA: DDP rejects it on CPU modules ("SyncBatchNorm layers only work with
+        # GPU modules"). With gloo each process normalises with its own batch statistics; the running
+        # statistics are broadcast from rank 0 (DDP's broadcast_buffers, and sync_buffers before validation).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, args, device)
@@ -403,7 +435,6 @@ def setup(args: argparse.Namespace) -> dict:
                history=[], done=fresh_progress())
     if resumed is not None:
         restore(run, resumed)
-    torch.manual_seed(args.seed + 1000 * dist_info.rank + run["start_epoch"])  # dropout streams per rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training size: pick the fastest conv kernels once
     weight = None
@@ -433,6 +464,10 @@ def fit(run: dict) -> None:
     loop.stop.install()
     if loop.dist.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
+        if run["history"]:  # a kill between last.pth and history.csv left the csv one epoch behind
+            utils.write_history(run["history"], args.out / "history.csv")
+        for stale in args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
+            stale.unlink(missing_ok=True)
     for epoch in range(run["start_epoch"], args.epochs + 1):
         run["train_loader"].sampler.set_epoch(epoch, skip=run["done"]["steps"] * args.batch_size)
         started = time.perf_counter() - run["done"]["seconds"]
@@ -445,6 +480,7 @@ def fit(run: dict) -> None:
                 print(f"{loop.stop.signal_name}: stopped in epoch {epoch} after step {run['done']['steps']}; "
                       f"saved {args.out / 'last.pth'}. Resume with the same command plus --resume.")
             return
+        sync_buffers(unwrap(run["model"]), loop.dist)
         metrics = evaluate(unwrap(run["model"]), run["val_loader"], run["table"].num_classes, loop)
         end_of_epoch(run, epoch, metrics, time.perf_counter() - started, loop)
     if loop.dist.is_main and run["start_epoch"] > args.epochs:

@@ -8,6 +8,7 @@ import pickle
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -118,11 +119,6 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def copy_atomic(source: str | Path, destination: str | Path) -> None:
-    """Copy a file so that the destination is either the old or the complete new file."""
-    atomic_write(destination, lambda tmp: shutil.copyfile(source, tmp))
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint on the CPU with weights_only=True; a missing or foreign file is a UserError."""
     path = Path(path)
@@ -194,3 +190,16 @@ def fail(message: str, code: int = 2) -> None:
     """Print one clear line and exit non-zero."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
+    """results.json of a run: the best val epoch's metrics and how the run was made."""
+    best = max(history, key=lambda row: row["val_miou"])
+    train = config.get("train", {})
+    return {"split": "val", "miou": best["val_miou"], "pixel_accuracy": best["val_pa"],
+            "mean_pixel_accuracy": best["val_mpa"],
+            "iou": {key[len("iou_"):]: value for key, value in best.items() if key.startswith("iou_")},
+            "best_epoch": best["epoch"], "device": device, "epochs": history[-1]["epoch"],
+            "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
+            "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
+            "date": time.strftime("%Y-%m-%d")}

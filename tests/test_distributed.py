@@ -1,0 +1,100 @@
+"""DistributedDataParallel on the CPU: 2 gloo processes through torchrun (`python -m torch.distributed.run`),
+plus the samplers that shard training and validation across ranks."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures_dist as fx  # noqa: E402
+
+from dataset import SeededSampler, ShardSampler  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """4 train images (one batch of 2 per rank) and 3 val images: an odd count, so an evaluation that
+    padded the shards the way DistributedSampler does would count one image twice."""
+    return fx.write_camvid(tmp_path_factory.mktemp("dist") / "CamVid", train=4, val=3)
+
+
+def single_process_eval(data: Path, weights: Path, tmp_path: Path) -> dict:
+    """python test.py --split val on the checkpoint (one thread, as in each torchrun worker)."""
+    report = tmp_path / "val.json"
+    fx.run([sys.executable, "test.py", "--data-root", str(data), "--split", "val", "--weights", str(weights),
+            "--json", str(report), "--device", "cpu", "--workers", "0"])
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "vgg16_bn"])
+def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_path: Path, backbone: str):
+    out = tmp_path / "run"
+    result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "1", "--backbone", backbone)])
+    # --batch-size is per process: 4 images = 2 ranks x 1 step of 2
+    assert re.search(r"epoch 1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
+    # rank 0 alone logs, plots and checkpoints
+    assert result.stdout.count("epoch 1: train_loss") == 1, result.stdout
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "last.pth"]
+    assert not list(out.glob(".*"))  # no temporaries of interrupted or concurrent writes
+    assert (out / "curves.png").is_file() and (out / "val_samples.png").is_file()
+    rows = fx.read_history(out / "history.csv")
+    assert [row["epoch"] for row in rows] == ["1"]
+    checkpoint = fx.load(out / "last.pth")
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["model"]["backbone"] == backbone
+    assert not any("module." in key for key in checkpoint["model"])  # saved unwrapped from DDP
+    # the val split sharded 2/1 over the ranks, confusion matrix all-reduced: the same numbers as one process
+    single = single_process_eval(data, out / "last.pth", tmp_path)
+    assert single["images"] == 3
+    assert float(rows[-1]["val_miou"]) == pytest.approx(single["miou"], abs=1e-6)
+    assert float(rows[-1]["val_pa"]) == pytest.approx(single["pixel_accuracy"], abs=1e-6)
+    assert float(rows[-1]["val_mpa"]) == pytest.approx(single["mean_pixel_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("length", range(8))
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_validation_shards_cover_every_sample_exactly_once(length: int, world: int):
+    shards = [list(ShardSampler(length, world, rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(length))
+    assert [len(ShardSampler(length, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+
+
+class Sized(torch.utils.data.Dataset):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def test_training_sampler_shards_and_reshuffles_every_epoch():
+    dataset = Sized(10)
+    ranks = [SeededSampler(dataset, 2, rank, seed=3) for rank in range(2)]
+    orders = {}
+    for epoch in (1, 2):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shards = [[index for index, _ in sampler] for sampler in ranks]
+        assert sorted(shards[0] + shards[1]) == list(range(10))  # disjoint halves of one permutation
+        assert all(key == (3, epoch) for sampler in ranks for _, key in sampler)  # augmentation key
+        orders[epoch] = shards
+    assert orders[1] != orders[2]
+    again = SeededSampler(dataset, 2, 0, seed=3)
+    again.set_epoch(2)
+    assert [index for index, _ in again] == orders[2][0]  # the order is a function of (seed, epoch)
+
+
+def test_resumed_sampler_skips_the_samples_already_done():
+    sampler = SeededSampler(Sized(9), 2, 1, seed=0)
+    sampler.set_epoch(4)
+    full = [index for index, _ in sampler]
+    for skip in range(len(full) + 3):  # a stop on the very last step saves skip >= the shard length
+        sampler.set_epoch(4, skip=skip)
+        assert [index for index, _ in sampler] == full[skip:]
+        assert len(sampler) == len(full[skip:])
