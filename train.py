@@ -5,6 +5,7 @@ import argparse
 import os
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,8 +161,8 @@ def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Pa
     frequency = pixels / image_pixels.clamp(min=1)
     present = frequency > 0
     weights = torch.where(present, frequency[present].median() / frequency.clamp(min=1e-12), torch.zeros(()))
-    if cache is not None:
-        cache.write_text(json.dumps({"weights": weights.tolist()}))
+    if cache is not None:  # atomic: other ranks may read it while rank 0 writes
+        utils.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
     return weights.float()
 
 
@@ -206,7 +207,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
     if args.cache:
         train_set.preload()
         val_set.preload()
-    common = dict(num_workers=args.workers, pin_memory=loop.device.type == "cuda",
+    common = dict(num_workers=args.workers, pin_memory=args.pin_memory and loop.device.type == "cuda",
                   persistent_workers=args.workers > 0)
     train_sampler = SeededSampler(train_set, loop.dist.world_size, loop.dist.rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, **common)
@@ -259,7 +260,8 @@ def history_row(epoch: int, lr: float, train_loss: float, metrics: dict, seconds
 
 def save_val_samples(model: nn.Module, dataset: CamVidDataset, table: ClassTable, loop: Loop, path: Path) -> None:
     """A few val images with truth and prediction side by side."""
-    images, labels = zip(*(dataset[i] for i in range(min(3, len(dataset)))))
+    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
+    images, labels = zip(*(dataset[i] for i in picks))
     images, labels = torch.stack(images), torch.stack(labels)
     model.eval()
     with torch.inference_mode(), utils.autocast(loop.device, loop.amp):
@@ -360,6 +362,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     add("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused optimizer kernels on CUDA")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cuDNN autotuning on CUDA")
+    add("--pin-memory", action=argparse.BooleanOptionalAction, default=True,
+        help="page-locked batches for asynchronous host-to-GPU copies")
     add("--log-every", type=int, default=10, help="steps between progress updates (host syncs)")
     return parser
 
@@ -436,7 +441,7 @@ def setup(args: argparse.Namespace) -> dict:
     if resumed is not None:
         restore(run, resumed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed training size: pick the fastest conv kernels once
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fixed train size: pick the fastest kernels once
     weight = None
     if args.class_weights == "median-freq":
         args.out.mkdir(parents=True, exist_ok=True)
@@ -485,6 +490,11 @@ def fit(run: dict) -> None:
         end_of_epoch(run, epoch, metrics, time.perf_counter() - started, loop)
     if loop.dist.is_main and run["start_epoch"] > args.epochs:
         print(f"{args.out / 'last.pth'} already has {run['start_epoch'] - 1} epochs; raise --epochs to train more")
+    elif loop.dist.is_main and run["history"]:
+        command = "python train.py " + " ".join(sys.argv[1:])
+        results = utils.run_results(run["history"], checkpoint_state(run, args.epochs)["config"],
+                                    utils.device_name(loop.device), command)
+        utils.atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
 def main(args: argparse.Namespace) -> None:

@@ -34,6 +34,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """A readable name of the device for logs and results.json."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """bf16 where the GPU supports it, else fp16; None (fp32) on CPU or when disabled."""
     if not enabled or device.type != "cuda":

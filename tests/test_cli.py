@@ -18,8 +18,11 @@ TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 
 
 def test_train_writes_run_files_and_resume_continues(trained_run):
-    for name in ("last.pth", "best.pth", "history.csv", "curves.png", "val_samples.png"):
+    for name in ("last.pth", "best.pth", "history.csv", "curves.png", "val_samples.png", "results.json"):
         assert (trained_run / name).is_file(), name
+    results = json.loads((trained_run / "results.json").read_text())
+    assert results["split"] == "val" and results["epochs"] == 2 and results["pretrained"] is False
+    assert set(results["iou"]) == set(TABLE.names) and results["command"].startswith("python train.py")
     with open(trained_run / "history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
