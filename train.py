@@ -277,7 +277,7 @@ def fresh_progress() -> dict:
 
 def end_of_epoch(run: dict, epoch: int, metrics: dict, seconds: float, loop: Loop) -> None:
     """Log, plot and checkpoint (rank 0 only); best.pth is written too when val MIoU improves."""
-    args, out = run["args"], run["args"].out
+    out = run["args"].out
     row = history_row(epoch, run["optimizer"].param_groups[0]["lr"], run["done"]["loss_sum"] / max(1, run["done"]["count"]),
                       metrics, seconds, run["table"].names)
     run["history"].append(row)

@@ -5,7 +5,6 @@ import contextlib
 import csv
 import os
 import pickle
-import shutil
 import signal
 import sys
 import time

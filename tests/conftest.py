@@ -17,8 +17,10 @@ import cfg  # noqa: E402
 from dataset import ClassTable  # noqa: E402
 
 SIZE = (64, 96)  # H, W: tiny, not a multiple of 32, so padding and cropping paths run
+# A narrow FCN-8s on the CPU. The 32x32 train crop (the smallest FCN input) keeps a step well under a
+# second on 2 cores; validation still runs on the full 64x96 images.
 SMALL_TRAIN = ["--fc-width", "16", "--backbone", "vgg16", "--batch-size", "2", "--eval-batch-size", "2",
-               "--workers", "0", "--crop-size", "64", "64", "--log-every", "1"]
+               "--workers", "0", "--device", "cpu", "--crop-size", "32", "32", "--log-every", "1"]
 
 
 def make_sample(rng: np.random.Generator, table: ClassTable) -> tuple[np.ndarray, np.ndarray]:
@@ -55,14 +57,25 @@ def camvid(tmp_path_factory) -> Path:
     return write_camvid(tmp_path_factory.mktemp("camvid") / "CamVid", {"train": 4, "val": 3, "test": 3})
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a repo script in a subprocess with the repo as working directory."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CAMVID_ROOT": ""}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+def subprocess_env() -> dict[str, str]:
+    """Unbuffered output, no $CAMVID_ROOT leaking in, and one compute thread per process: on a busy
+    2-core machine two OpenMP threads that wait on each other make a step up to 10x slower, and one
+    thread count everywhere keeps CPU runs bit-comparable."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "CAMVID_ROOT": "", "OMP_NUM_THREADS": "1"}
+
+
+def run(command: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command in the repo root; a non-zero exit fails with both output streams (unless check=False)."""
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a repo script (train.py, test.py, ...) with this Python."""
+    return run([sys.executable, *args], check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def data(tmp_path_factory) -> Path:
     """4 train images (one batch of 2 per rank) and 3 val images: an odd count, so an evaluation that
     padded the shards the way DistributedSampler does would count one image twice."""
-    return fx.write_camvid(tmp_path_factory.mktemp("dist") / "CamVid", train=4, val=3)
+    return fx.write_camvid(tmp_path_factory.mktemp("dist") / "CamVid", {"train": 4, "val": 3, "test": 2})
 
 
 def single_process_eval(data: Path, weights: Path, tmp_path: Path) -> dict:

@@ -29,7 +29,7 @@ EPOCHS = ["--epochs", "3", "--seed", "7", "--log-every", "1"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """8 train images: 4 steps of 2 per epoch, time enough to land a signal in the middle of epoch 2."""
-    return fx.write_camvid(tmp_path_factory.mktemp("interrupt") / "CamVid", train=8, val=3)
+    return fx.write_camvid(tmp_path_factory.mktemp("interrupt") / "CamVid", {"train": 8, "val": 3, "test": 2})
 
 
 @pytest.fixture(scope="module")
