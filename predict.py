@@ -45,7 +45,7 @@ def gather_inputs(paths: list[str]) -> list[Path]:
 @torch.inference_mode()
 def predict_labels(model: torch.nn.Module, image: torch.Tensor, device: torch.device) -> np.ndarray:
     """3×H×W uint8 image -> H×W uint8 class labels at the image's own size."""
-    logits = model(normalize_batch(image[None].to(device)))
+    logits = model(normalize_batch(image[None].to(device), channels_last=True))
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
     """Returns how many images were predicted."""
     table = ClassTable.from_csv(args.class_dict)
     device = utils.resolve_device(args.device)
-    model = utils.model_from_checkpoint(utils.load_checkpoint(args.weights), table, args.weights).to(device).eval()
+    model = utils.model_from_checkpoint(utils.load_checkpoint(args.weights), table, args.weights)
+    model.to(device, memory_format=torch.channels_last).eval()  # NHWC: as test.py, and faster
     files = gather_inputs(args.input)
     args.out.mkdir(parents=True, exist_ok=True)
     written = 0

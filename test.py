@@ -32,6 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1))
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     return parser
 
 
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> dict:
     dataset = CamVidDataset(args.data_root, args.split, table, eval_transform(cfg.CROP_SIZE if args.crop else None),
                             args.limit)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last=device.type == "cuda")
+    loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last=args.channels_last)
     if loop.channels_last:
         model.to(memory_format=torch.channels_last)
     metrics = evaluate(model, loader, table.num_classes, loop)

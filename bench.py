@@ -1,0 +1,495 @@
+"""Throughput benchmark: data pipeline, FCN-8s train step and inference, eager fp32 vs the fast path.
+
+`python bench.py --help`. Prints a table, then one JSON object as the last line (also written to --json).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import functools
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.flop_counter import FlopCounterMode
+
+import cfg
+import train
+import utils
+from cfg import UserError
+from dataset import CamVidDataset, ClassTable, SeededSampler, normalize_batch
+from fcn import FCN, FCNConfig
+from transforms import eval_transform, train_transform
+
+DATA_BATCH = 8  # the train loader's default batch
+MATMUL_SIDE = 8192  # bf16 n×n matmuls that define the peak for MFU
+
+
+@dataclass
+class Plan:
+    """Sizes, batches and repetition counts of one run."""
+
+    train_size: tuple[int, int]
+    train_batch: int
+    infer_size: tuple[int, int]
+    infer_batch: int
+    fc_width: int
+    warmup: int  # untimed calls before the timed blocks
+    steps: int  # calls per timed block
+    repeats: int  # timed blocks per mode; medians are reported
+    data_epochs: int  # timed passes over each split (after one warm-up pass)
+
+
+# Full size on CUDA; on a CPU the train step runs at half size with a narrower fc6/fc7 so the whole
+# bench ends in a few minutes; --quick is a seconds-long smoke run.
+PLANS = {
+    "cuda": Plan(cfg.CROP_SIZE, 8, cfg.EVAL_SIZE, 8, 4096, warmup=5, steps=20, repeats=5, data_epochs=3),
+    "cpu": Plan((176, 240), 2, cfg.EVAL_SIZE, 2, 1024, warmup=1, steps=1, repeats=5, data_epochs=3),
+    "quick": Plan((32, 64), 1, (32, 64), 1, 32, warmup=1, steps=1, repeats=1, data_epochs=1),
+}
+
+
+@dataclass
+class Mode:
+    """One way of running the model: plain eager fp32, or the project's fast path."""
+
+    name: str
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+    fused: bool = False
+    cudnn_benchmark: bool = False
+    compile: bool = False
+
+    def describe(self) -> str:
+        """e.g. 'bfloat16 + channels_last + fused + cudnn_benchmark'."""
+        dtype = str(self.amp).replace("torch.", "") if self.amp else "fp32"
+        flags = [dtype, "channels_last" if self.channels_last else "contiguous"]
+        flags += [name for name in ("fused", "cudnn_benchmark", "compile") if getattr(self, name)]
+        return " + ".join(flags)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other error of the project."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print 'error: bench.py: MESSAGE' and exit 2 (no usage block)."""
+        utils.fail(f"{self.prog}: {message}")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line of bench.py."""
+    parser = OneLineParser(prog="bench.py", description="Benchmark the data pipeline, FCN-8s training and "
+                           "inference (eager fp32 vs the fast path).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--device", default="auto", help="auto, cpu or cuda")
+    add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
+    add("--json", type=Path, metavar="F", help="also write the JSON object to this file")
+    add("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of seconds")
+    add("--compile", action="store_true", help="torch.compile the fast-path model")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="fast path: mixed precision on CUDA")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="fast path memory format (train.py's default: on)")
+    add("--train-size", type=int, nargs=2, metavar=("H", "W"), help="train step size (default per device)")
+    add("--train-batch", type=int, help="train step batch (default per device)")
+    add("--infer-batch", type=int, help="inference throughput batch (default per device)")
+    add("--fc-width", type=int, help="fc6/fc7 channels (default: 4096 on CUDA, 1024 on CPU)")
+    add("--steps", type=int, help="timed calls per block")
+    add("--repeats", type=int, help="timed blocks per mode (medians are reported)")
+    return parser
+
+
+def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
+    """The device's (or --quick) plan with the explicit flags applied, checked."""
+    plan = PLANS["quick" if args.quick else device.type]
+    overrides = {"train_size": tuple(args.train_size) if args.train_size else None, "train_batch": args.train_batch,
+                 "infer_batch": args.infer_batch, "fc_width": args.fc_width, "steps": args.steps,
+                 "repeats": args.repeats}
+    plan = replace(plan, **{key: value for key, value in overrides.items() if value is not None})
+    for key in ("train_batch", "infer_batch", "fc_width", "steps", "repeats"):
+        if getattr(plan, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(plan, key)}")
+    if min(plan.train_size) < cfg.MIN_INPUT_SIDE:
+        raise UserError(f"--train-size: expected at least {cfg.MIN_INPUT_SIDE} each side, got {list(plan.train_size)}")
+    return plan
+
+
+def fast_mode(args: argparse.Namespace, device: torch.device) -> Mode:
+    """The project's fast path as train.py sets it up on this device."""
+    cuda = device.type == "cuda"
+    return Mode("fast", utils.amp_dtype(device, args.amp), args.channels_last, fused=cuda, cudnn_benchmark=cuda,
+                compile=args.compile)
+
+
+# ---------------------------------------------------------------- timing helpers
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Seconds for `calls` back-to-back calls, GPU work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def side_by_side(runs: dict[str, Callable[[], object]], plan: Plan, device: torch.device) -> dict[str, dict]:
+    """Warm every run up, then alternate their timed blocks; median seconds per call and GPU peak per run."""
+    for fn in runs.values():
+        timed(fn, plan.warmup, device)
+    seconds = {name: [] for name in runs}
+    peaks = {name: 0.0 for name in runs}
+    for _ in range(plan.repeats):
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds[name].append(timed(fn, plan.steps, device) / plan.steps)
+            peaks[name] = max(peaks[name], gpu_peak_mb(device) or 0.0)
+    return {name: {"seconds": statistics.median(seconds[name]),
+                   "peak_mb": peaks[name] if device.type == "cuda" else None} for name in runs}
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """torch.cuda.max_memory_allocated in MiB since the last reset (None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+
+
+def process_peak_mb(device: torch.device, run_peak: float) -> float:
+    """Peak of the run: GPU memory allocated by torch, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return max(run_peak, gpu_peak_mb(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- data pipeline
+
+def remember_pid(slot, worker_id: int) -> None:
+    """worker_init_fn: publish the worker's pid so the parent can read its CPU time."""
+    slot.value = os.getpid()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User+system CPU seconds of a process from /proc (None where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loader_rate(dataset: CamVidDataset, sampler: Sampler | None, epochs: int, pin: bool) -> tuple[float, float | None]:
+    """Median images/s of one worker process over `epochs` passes (file to collated uint8 batch), by the
+    wall clock and per CPU-second of the worker (the latter barely moves when other jobs share the cores)."""
+    pid = multiprocessing.Value("i", 0)
+    loader = DataLoader(dataset, DATA_BATCH, sampler=sampler, num_workers=1, pin_memory=pin,
+                        persistent_workers=True, worker_init_fn=functools.partial(remember_pid, pid))
+    wall, cpu = [], []
+    for epoch in range(epochs + 1):  # pass 0 starts the worker and fills the page cache
+        if isinstance(sampler, SeededSampler):
+            sampler.set_epoch(epoch)
+        start, start_cpu = time.perf_counter(), cpu_seconds(pid.value)
+        count = sum(len(images) for images, _ in loader)
+        end_cpu = cpu_seconds(pid.value)
+        if epoch > 0:
+            wall.append(count / (time.perf_counter() - start))
+            if start_cpu is not None and end_cpu is not None and end_cpu > start_cpu:
+                cpu.append(count / (end_cpu - start_cpu))
+    return statistics.median(wall), statistics.median(cpu) if cpu else None
+
+
+def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device) -> dict:
+    """Train-transform (seeded sampler, as train.py) and eval-transform loader throughput."""
+    pin = device.type == "cuda"
+    train_set = CamVidDataset(root, "train", table, train_transform())
+    val_set = CamVidDataset(root, "val", table, eval_transform())
+    result = {}
+    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)), ("eval", val_set, None)):
+        result[f"data_{name}_img_s"], result[f"data_{name}_cpu_img_s"] = loader_rate(dataset, sampler,
+                                                                                   plan.data_epochs, pin)
+    return result
+
+
+# ---------------------------------------------------------------- model, FLOPs, steps
+
+def model_config(plan: Plan, num_classes: int) -> FCNConfig:
+    """FCN-8s on VGG16-BN, the project's default model, at the plan's fc6/fc7 width."""
+    return FCNConfig("fcn8s", "vgg16_bn", num_classes, plan.fc_width)
+
+
+def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 images and labels (about 5% void), as the loader would hand them over."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, num_classes, (batch, *size), dtype=torch.uint8, generator=generator)
+    labels[torch.rand(labels.shape, generator=generator) < 0.05] = cfg.IGNORE_INDEX
+    return images, labels
+
+
+def count_flops(model: FCN, batch: int, size: tuple[int, int], training: bool) -> int:
+    """FLOPs per image counted by FlopCounterMode (on a meta-device model nothing runs): forward, plus
+    backward when training."""
+    device = next(model.parameters()).device
+    images = torch.zeros(batch, 3, *size, device=device)
+    labels = torch.zeros(batch, *size, dtype=torch.long, device=device)
+    model.train(training)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(training):
+        logits = model(images)
+        if training:
+            train.SegmentationLoss()(logits, labels).backward()
+    return counter.get_total_flops() // batch
+
+
+def prepare(model: FCN, mode: Mode, device: torch.device) -> torch.nn.Module:
+    """Place the model as train.setup does for this mode (memory format, then torch.compile)."""
+    model.to(device, memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
+    return torch.compile(model) if mode.compile else model
+
+
+def train_step(model: torch.nn.Module, mode: Mode, device: torch.device,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+    """One train_one_epoch step: to_device then train.train_step (forward, loss, backward, optimizer step)."""
+    loop = train.Loop(device, mode.amp, mode.channels_last)
+    options = train.get_args_parser().parse_args([])  # train.py's optimiser defaults (Adam)
+    options.fused = mode.fused
+    optimizer = train.build_optimizer(model, options, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == torch.float16)
+    loss_fn = train.SegmentationLoss().to(device)
+    host_images, host_labels = (t.pin_memory() for t in batch) if device.type == "cuda" else batch
+
+    def step() -> None:
+        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
+        images, labels = train.to_device(host_images, host_labels, loop)
+        train.train_step(model, images, labels, optimizer, scaler, loss_fn, loop)
+    return step
+
+
+def infer_call(model: torch.nn.Module, mode: Mode, device: torch.device, images: torch.Tensor) -> Callable[[], None]:
+    """One evaluate() forward: normalise, model under autocast, argmax."""
+    images = images.to(device)
+
+    def call() -> None:
+        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
+        with torch.inference_mode(), utils.autocast(device, mode.amp):
+            model(normalize_batch(images, mode.channels_last)).argmax(1)
+    return call
+
+
+def matmul_peak_tflops(device: torch.device, side: int) -> float | None:
+    """bf16 side×side matmul TFLOP/s measured now on this GPU: the peak MFU is relative to (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+
+    def call() -> None:
+        torch.mm(a, b, out=out)
+    timed(call, 3, device)
+    seconds = statistics.median(timed(call, 10, device) / 10 for _ in range(5))
+    return 2 * side ** 3 / seconds / 1e12
+
+
+# ---------------------------------------------------------------- the measurements
+
+def measure_train(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
+                  device: torch.device, num_classes: int) -> dict:
+    """Train-step images/s of every mode, timed side by side on one synthetic batch."""
+    batch = synthetic_batch(plan.train_batch, plan.train_size, num_classes)
+    for model in models.values():
+        model.train()
+    runs = {name: train_step(models[name], modes[name], device, batch) for name in models}
+    timing = side_by_side(runs, plan, device)
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    result = {f"train_{name}_img_s": plan.train_batch / t["seconds"] for name, t in timing.items()}
+    result.update({f"train_{name}_peak_mem_mb": t["peak_mb"] for name, t in timing.items()})
+    result["train_speedup"] = result["train_fast_img_s"] / result["train_eager_img_s"]
+    return result
+
+
+def measure_infer(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
+                  device: torch.device, num_classes: int) -> dict:
+    """Inference throughput at infer_batch and batch-1 latency (each call timed alone) of every mode."""
+    for model in models.values():
+        model.eval()
+    images = synthetic_batch(plan.infer_batch, plan.infer_size, num_classes)[0]
+    single = images[:1].clone()
+    throughput = side_by_side({name: infer_call(models[name], modes[name], device, images) for name in models},
+                              plan, device)
+    one_at_a_time = replace(plan, steps=1, repeats=plan.repeats * plan.steps)
+    latency = side_by_side({name: infer_call(models[name], modes[name], device, single) for name in models},
+                           one_at_a_time, device)
+    result = {}
+    for name in models:
+        result[f"infer_{name}_img_s"] = plan.infer_batch / throughput[name]["seconds"]
+        result[f"infer_{name}_latency_ms"] = 1000 * latency[name]["seconds"]
+    result["infer_speedup"] = result["infer_fast_img_s"] / result["infer_eager_img_s"]
+    peaks = [t["peak_mb"] for t in (*throughput.values(), *latency.values()) if t["peak_mb"] is not None]
+    result["infer_peak_mem_mb"] = max(peaks) if peaks else None
+    return result
+
+
+def measure_models(plan: Plan, modes: dict[str, Mode], device: torch.device, num_classes: int,
+                   matmul_side: int) -> dict:
+    """Train step, inference, FLOPs and MFU for the eager and fast copies of one FCN-8s."""
+    config = model_config(plan, num_classes)
+    torch.manual_seed(0)
+    base = FCN(config)
+    models = {name: prepare(copy.deepcopy(base), mode, device) for name, mode in modes.items()}
+    del base
+    result = measure_train(models, modes, plan, device, num_classes)
+    result.update(measure_infer(models, modes, plan, device, num_classes))
+    with torch.device("meta"):  # counting is device independent; the meta device makes it free
+        meta_model = FCN(config)
+    result["flops_per_img"] = count_flops(meta_model, plan.train_batch, plan.train_size, training=True)
+    result["infer_flops_per_img"] = count_flops(meta_model, 1, plan.infer_size, training=False)
+    for name in modes:
+        result[f"train_{name}_tflops"] = result["flops_per_img"] * result[f"train_{name}_img_s"] / 1e12
+    result["matmul_peak_tflops"] = matmul_peak_tflops(device, matmul_side)
+    peak = result["matmul_peak_tflops"]
+    result["mfu"] = result["train_fast_tflops"] / peak if peak else None
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    """utils.device_name, plus on CPU the processor model and the threads torch uses."""
+    name = utils.device_name(device)
+    if device.type == "cuda":
+        return name
+    with contextlib.suppress(OSError, IndexError):
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        name = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")][0] + ", " + name
+    return f"{name}, torch uses {torch.get_num_threads()} threads"
+
+
+def run_info(args: argparse.Namespace, plan: Plan, device: torch.device, modes: dict[str, Mode]) -> dict:
+    """The settings part of the JSON object."""
+    return {"device": device.type, "device_name": device_name(device),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "quick": args.quick, "model": "fcn8s", "backbone": "vgg16_bn",
+            "fc_width": plan.fc_width, "data_batch": DATA_BATCH, "data_workers": 1,
+            "train_size": list(plan.train_size), "train_batch": plan.train_batch,
+            "infer_size": list(plan.infer_size), "infer_batch": plan.infer_batch,
+            "steps": plan.steps, "repeats": plan.repeats,
+            "eager_path": modes["eager"].describe(), "fast_path": modes["fast"].describe(),
+            # PyTorch's defaults, which "eager fp32" keeps: on Ampere+ cuDNN convolutions may use TF32
+            "tf32_conv": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}
+
+
+# ---------------------------------------------------------------- report
+
+def number(value: float | None, unit: str = "", digits: int = 1) -> str:
+    """A table cell: thousands separators, or n/a for what was not measured."""
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def size(hw: list[int]) -> str:
+    """[H, W] -> 'HxW'."""
+    return f"{hw[0]}x{hw[1]}"
+
+
+def ratio(slower: float | None, faster: float | None) -> str:
+    """'1.23x' for faster/slower, blank when either is missing."""
+    return "" if slower is None or faster is None else f"{faster / slower:.2f}x"
+
+
+def data_rows(r: dict) -> list[tuple[str, ...]]:
+    """(what, wall clock, per worker CPU-second) rows of the data pipeline table."""
+    common = f"1 worker, batch {r['data_batch']}, uint8"
+    return [("data pipeline", "img/s (wall)", "img/s per CPU-s", ""),
+            (f"train transform, crop {size(cfg.CROP_SIZE)} ({common})", number(r["data_train_img_s"]),
+             number(r["data_train_cpu_img_s"]), ""),
+            (f"eval transform, full image ({common})", number(r["data_eval_img_s"]),
+             number(r["data_eval_cpu_img_s"]), "")]
+
+
+def model_rows(r: dict) -> list[tuple[str, ...]]:
+    """(what, eager fp32, fast path, speedup) rows of the model table; speedup > 1 means the fast path wins."""
+    rows = [("model", "eager fp32", "fast path", "speedup")]
+    for key, what, unit, digits in (
+            ("train_{}_img_s", f"train step {size(r['train_size'])} batch {r['train_batch']}", " img/s", 2),
+            ("infer_{}_img_s", f"inference {size(r['infer_size'])} batch {r['infer_batch']}", " img/s", 2),
+            ("infer_{}_latency_ms", f"inference {size(r['infer_size'])} batch 1 latency", " ms", 1),
+            ("train_{}_tflops", "train step achieved", " TFLOP/s", 3),
+            ("train_{}_peak_mem_mb", "train step peak GPU memory", " MiB", 0)):
+        eager, fast = r[key.format("eager")], r[key.format("fast")]
+        speedup = "" if "mem" in key else ratio(fast, eager) if "latency" in key else ratio(eager, fast)
+        rows.append((what, number(eager, unit, digits), number(fast, unit, digits), speedup))
+    mfu = None if r["mfu"] is None else 100 * r["mfu"]
+    memory = "GPU, torch allocated" if r["device"] == "cuda" else "CPU, peak RSS of the main process"
+    return rows + [
+        (f"FLOPs/img, train step fwd+bwd {size(r['train_size'])}", number(r["flops_per_img"] / 1e9, " GFLOP"), "", ""),
+        (f"FLOPs/img, inference fwd {size(r['infer_size'])}", number(r["infer_flops_per_img"] / 1e9, " GFLOP"), "", ""),
+        (f"bf16 {r['matmul_side']}x{r['matmul_side']} matmul peak", number(r["matmul_peak_tflops"], " TFLOP/s"), "", ""),
+        ("MFU of the fast train step", "", number(mfu, " %"), ""),
+        (f"peak memory ({memory})", number(r["peak_mem_mb"], " MiB", 0), "", "")]
+
+
+def print_report(r: dict) -> None:
+    """The human-readable tables."""
+    print(f"bench.py on {r['device']} ({r['device_name']}), torch {r['torch']}, {r['date']}")
+    print(f"model: FCN-8s {r['backbone']} fc_width {r['fc_width']}" +
+          (" (narrowed from the paper's 4096 to keep the run short)" if r["fc_width"] != 4096 else ""))
+    same = r["fast_path"] == r["eager_path"]
+    print(f"eager: {r['eager_path']}, non-fused Adam | fast path: {r['fast_path']}" +
+          (" (= eager: --no-channels-last, and AMP only runs on CUDA)" if same else ""))
+    if r["device"] == "cuda":
+        print(f"eager fp32 keeps PyTorch's TF32 defaults: cuDNN conv {r['tf32_conv']}, matmul {r['tf32_matmul']}")
+    print(f"timing: medians of {r['repeats']} alternating eager/fast blocks of {r['steps']} call(s) after warm-up")
+    rows = [*data_rows(r), ("", "", "", ""), *model_rows(r)]
+    width = max(len(row[0]) for row in rows)
+    for what, first, second, third in rows:
+        print(f"{what:<{width}}  {first:>16}  {second:>16}  {third:>8}".rstrip())
+
+
+def check_data_root(root: str) -> None:
+    """A missing CamVid folder is one clear line, as in train.py."""
+    if not Path(root).is_dir():
+        raise UserError(f"--data-root {root}: folder not found (set CAMVID_ROOT, or fetch it with "
+                        "python dataset.py --download data/CamVid)")
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run every measurement, print the table and the JSON line; returns the JSON object."""
+    device = utils.resolve_device(args.device)
+    plan = make_plan(args, device)
+    check_data_root(args.data_root)
+    if args.json and not args.json.parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {args.json.parent} not found")
+    table = ClassTable.from_csv(train.resolve_class_dict(args.data_root, None))
+    modes = {"eager": Mode("eager"), "fast": fast_mode(args, device)}
+    result = run_info(args, plan, device, modes)
+    result.update(measure_data(args.data_root, table, plan, device))
+    result["matmul_side"] = 1024 if args.quick else MATMUL_SIDE
+    result.update(measure_models(plan, modes, device, table.num_classes, result["matmul_side"]))
+    peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
+    result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
+    print_report(result)
+    line = json.dumps(result)
+    if args.json:
+        args.json.write_text(line + "\n")
+    print(line)
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except UserError as error:
+        utils.fail(str(error))
