@@ -29,8 +29,7 @@ import utils
 # `--recipe camvid`: the defaults chosen for CamVid (issue 4); explicit flags still win.
 RECIPES = {
     "camvid": dict(optimizer="sgd", lr=0.01, weight_decay=5e-4, schedule="poly", warmup_epochs=5,
-                   epochs=300, batch_size=8, scale=(0.5, 2.0), flip=True, jitter=0.2,
-                   class_weights="median-freq", clip_grad=10.0),
+                   epochs=300, batch_size=8, scale=(0.5, 2.0), flip=True, jitter=0.2, clip_grad=10.0),
 }
 
 

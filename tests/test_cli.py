@@ -155,3 +155,18 @@ def test_scripts_import_without_side_effects():
         module = importlib.import_module(name)
         if hasattr(module, "get_args_parser"):
             assert module.get_args_parser().prog
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(trained_run, camvid, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = (run_dir / "last.pth").read_bytes()
+    state = utils.load_checkpoint(trained_run / "last.pth")
+    state["model"]["score_fr.weight"].fill_(float("nan"))  # poisoned weights: the first loss is NaN
+    utils.save_checkpoint({"model": state["model"], "config": state["config"]}, tmp_path / "nan.pth")
+    result = run_cli("train.py", "--data-root", str(camvid), "--out", str(run_dir), *SMALL_TRAIN,
+                     "--epochs", "1", "--init-from", str(tmp_path / "nan.pth"), check=False)
+    assert result.returncode == 1, result.stderr
+    assert "loss became NaN/inf in epoch 1" in result.stderr and "last good checkpoint is intact" in result.stderr
+    assert (run_dir / "last.pth").read_bytes() == before
