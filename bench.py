@@ -27,7 +27,8 @@ import cfg
 import train
 import utils
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable, SeededSampler, normalize_batch
+from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, label_cache_from_args,
+                     normalize_batch)
 from fcn import FCN, FCNConfig
 from transforms import eval_transform, train_transform
 
@@ -97,6 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--json", type=Path, metavar="F", help="also write the JSON object to this file")
     add("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of seconds")
     add("--compile", action="store_true", help="torch.compile the fast-path model")
+    add_label_cache_args(parser)
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="fast path: mixed precision on CUDA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="fast path memory format (train.py's default: on)")
@@ -213,13 +215,16 @@ def loader_rate(dataset: CamVidDataset, sampler: Sampler | None, epochs: int, pi
     return statistics.median(wall), statistics.median(cpu) if cpu else None
 
 
-def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device) -> dict:
-    """Train-transform (seeded sampler, as train.py) and eval-transform loader throughput."""
+def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device, labels: LabelCache | None) -> dict:
+    """Train-transform (seeded sampler, as train.py) and eval-transform loader throughput; the train
+    transform also without the label cache (every mask decoded and hash-encoded, as in a first epoch)."""
     pin = device.type == "cuda"
-    train_set = CamVidDataset(root, "train", table, train_transform())
-    val_set = CamVidDataset(root, "val", table, eval_transform())
+    train_set = CamVidDataset(root, "train", table, train_transform(), label_cache=labels)
+    uncached = CamVidDataset(root, "train", table, train_transform())
+    val_set = CamVidDataset(root, "val", table, eval_transform(), label_cache=labels)
     result = {}
-    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)), ("eval", val_set, None)):
+    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)), ("eval", val_set, None),
+                                   ("train_nocache", uncached, SeededSampler(uncached))):
         result[f"data_{name}_img_s"], result[f"data_{name}_cpu_img_s"] = loader_rate(dataset, sampler,
                                                                                    plan.data_epochs, pin)
     return result
@@ -381,7 +386,8 @@ def run_info(args: argparse.Namespace, plan: Plan, device: torch.device, modes: 
     """The settings part of the JSON object."""
     return {"device": device.type, "device_name": device_name(device),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "quick": args.quick, "model": "fcn8s", "backbone": "vgg16_bn",
+            "torch": torch.__version__, "quick": args.quick, "label_cache": not args.no_label_cache,
+            "model": "fcn8s", "backbone": "vgg16_bn",
             "fc_width": plan.fc_width, "data_batch": DATA_BATCH, "data_workers": 1,
             "train_size": list(plan.train_size), "train_batch": plan.train_batch,
             "infer_size": list(plan.infer_size), "infer_batch": plan.infer_batch,
@@ -412,11 +418,14 @@ def ratio(slower: float | None, faster: float | None) -> str:
 def data_rows(r: dict) -> list[tuple[str, ...]]:
     """(what, wall clock, per worker CPU-second) rows of the data pipeline table."""
     common = f"1 worker, batch {r['data_batch']}, uint8"
-    return [("data pipeline", "img/s (wall)", "img/s per CPU-s", ""),
+    cache = "label cache warm after pass 0" if r["label_cache"] else "no label cache"
+    return [(f"data pipeline ({cache})", "img/s (wall)", "img/s per CPU-s", ""),
             (f"train transform, crop {size(cfg.CROP_SIZE)} ({common})", number(r["data_train_img_s"]),
              number(r["data_train_cpu_img_s"]), ""),
             (f"eval transform, full image ({common})", number(r["data_eval_img_s"]),
-             number(r["data_eval_cpu_img_s"]), "")]
+             number(r["data_eval_cpu_img_s"]), ""),
+            (f"train transform without the label cache ({common})", number(r["data_train_nocache_img_s"]),
+             number(r["data_train_nocache_cpu_img_s"]), "")]
 
 
 def model_rows(r: dict) -> list[tuple[str, ...]]:
@@ -475,7 +484,7 @@ def main(args: argparse.Namespace) -> dict:
     table = ClassTable.from_csv(train.resolve_class_dict(args.data_root, None))
     modes = {"eager": Mode("eager"), "fast": fast_mode(args, device)}
     result = run_info(args, plan, device, modes)
-    result.update(measure_data(args.data_root, table, plan, device))
+    result.update(measure_data(args.data_root, table, plan, device, label_cache_from_args(args)))
     result["matmul_side"] = 1024 if args.quick else MATMUL_SIDE
     result.update(measure_models(plan, modes, device, table.num_classes, result["matmul_side"]))
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]

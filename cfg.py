@@ -15,6 +15,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = "_L"  # CamVid masks are <stem>_L.png
 SPLITS = ("train", "val", "test")
 DEFAULT_CLASS_DICT = REPO_ROOT / "data" / "class_dict.csv"
+LABEL_CACHE_ENV = "FCN_LABEL_CACHE"  # folder of cached encoded label maps (default ~/.cache/fcn-camvid/labels)
 
 
 def default_data_root() -> str:

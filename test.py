@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import cfg
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable
+from dataset import CamVidDataset, ClassTable, add_label_cache_args, label_cache_from_args
 from train import Loop, evaluate, resolve_class_dict
 from transforms import eval_transform
 import utils
@@ -33,6 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--workers", type=int, default=min(4, os.cpu_count() or 1))
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
+    add_label_cache_args(parser)
     return parser
 
 
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> dict:
     device = utils.resolve_device(args.device)
     model = utils.model_from_checkpoint(utils.load_checkpoint(args.weights), table, args.weights).to(device)
     dataset = CamVidDataset(args.data_root, args.split, table, eval_transform(cfg.CROP_SIZE if args.crop else None),
-                            args.limit)
+                            args.limit, label_cache=label_cache_from_args(args))
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last=args.channels_last)
     if loop.channels_last:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 import cfg
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler, normalize_batch
+from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
+                     label_cache_from_args, normalize_batch)
 from evalution_segmentaion import ConfusionMatrix
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
 from transforms import eval_transform, train_transform
@@ -207,9 +208,10 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
     """Train loader (seeded per-epoch shuffle, sharded across ranks) and val loader (each sample once)."""
     crop = tuple(args.crop_size)
     augment = train_transform(crop, args.scale, args.random_crop, args.flip, args.jitter, args.downscale)
-    train_set = CamVidDataset(args.data_root, "train", table, augment, args.limit)
+    labels = label_cache_from_args(args)
+    train_set = CamVidDataset(args.data_root, "train", table, augment, args.limit, label_cache=labels)
     val_crop = eval_transform(crop if args.val_crop else None, args.downscale)
-    val_set = CamVidDataset(args.data_root, "val", table, val_crop, args.limit)
+    val_set = CamVidDataset(args.data_root, "val", table, val_crop, args.limit, label_cache=labels)
     if args.cache:
         train_set.preload()
         val_set.preload()
@@ -349,8 +351,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--class-weights", default="none", choices=("none", "median-freq"))
     add("--ohem", type=float, default=0.0, help="keep only this fraction of hardest pixels in the loss (0: off)")
     add("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale augmentation range")
-    add("--random-crop", action="store_true", help="random instead of centre 352x480 crop")
-    add("--flip", action="store_true", help="random horizontal flip")
+    add("--random-crop", action=argparse.BooleanOptionalAction, default=False,
+        help="random instead of centre crop (implied by --scale)")
+    add("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flip")
     add("--jitter", type=float, default=0.0, help="photometric jitter strength (0: off)")
     add("--crop-size", type=int, nargs=2, default=list(cfg.CROP_SIZE), metavar=("H", "W"),
         help="training crop (multiples of 32 keep every pooling exact)")
@@ -364,6 +367,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0)
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loader processes")
     add("--cache", action="store_true", help="decode the splits once into memory")
+    add_label_cache_args(parser)
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="NHWC memory format (faster convolutions on CUDA and on this project's CPU bench)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ sys.path.insert(0, str(REPO))
 
 import cfg  # noqa: E402
 from dataset import ClassTable  # noqa: E402
+
+# Label maps encoded by the tests go to a throw-away folder, never to the user's ~/.cache.
+os.environ[cfg.LABEL_CACHE_ENV] = tempfile.mkdtemp(prefix="fcn-label-cache-")
 
 SIZE = (64, 96)  # H, W: tiny, not a multiple of 32, so padding and cropping paths run
 # A narrow FCN-8s on the CPU. The 32x32 train crop (the smallest FCN input) keeps a step well under a
