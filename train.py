@@ -246,14 +246,18 @@ def init_from(model: FCN, path: str, table: ClassTable) -> None:
     model.load_state_dict(shared, strict=False)
 
 
+def run_config(run: dict) -> dict:
+    """The resolved configuration: the model's and every training flag (paths as strings)."""
+    return {"model": unwrap(run["model"]).config.to_dict(),
+            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run["args"]).items()}}
+
+
 def checkpoint_state(run: dict, epoch: int) -> dict:
     """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
-    model, args = unwrap(run["model"]), run["args"]
-    config = {"model": model.config.to_dict(),
-              "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    model = unwrap(run["model"])
     return {"model": model.state_dict(), "optimizer": run["optimizer"].state_dict(),
             "scheduler": run["scheduler"].state_dict(), "scaler": run["scaler"].state_dict(), "epoch": epoch,
-            "best_miou": run["best_miou"], "config": config, "history": run["history"],
+            "best_miou": run["best_miou"], "config": run_config(run), "history": run["history"],
             "partial_epoch": dict(run["done"]), "class_names": list(run["table"].names)}
 
 
@@ -503,7 +507,7 @@ def fit(run: dict) -> None:
         print(f"{args.out / 'last.pth'} already has {run['start_epoch'] - 1} epochs; raise --epochs to train more")
     elif loop.dist.is_main and run["history"]:
         command = "python train.py " + " ".join(sys.argv[1:])
-        results = utils.run_results(run["history"], checkpoint_state(run, args.epochs)["config"],
+        results = utils.run_results(run["history"], run_config(run),
                                     utils.device_name(loop.device), command)
         utils.atomic_write(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
