@@ -27,8 +27,8 @@ import cfg
 import train
 import utils
 from cfg import UserError
-from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, label_cache_from_args,
-                     normalize_batch)
+from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
+                     label_cache_from_args, normalize_batch)
 from fcn import FCN, FCNConfig
 from transforms import eval_transform, train_transform
 
@@ -465,13 +465,6 @@ def print_report(r: dict) -> None:
     width = max(len(row[0]) for row in rows)
     for what, first, second, third in rows:
         print(f"{what:<{width}}  {first:>16}  {second:>16}  {third:>8}".rstrip())
-
-
-def check_data_root(root: str) -> None:
-    """A missing CamVid folder is one clear line, as in train.py."""
-    if not Path(root).is_dir():
-        raise UserError(f"--data-root {root}: folder not found (set CAMVID_ROOT, or fetch it with "
-                        "python dataset.py --download data/CamVid)")
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -261,6 +261,13 @@ class LabelCache:
         return labels
 
 
+def check_data_root(root: str | Path) -> None:
+    """A missing CamVid folder is one clear line naming --data-root and how to get the data."""
+    if not Path(root).is_dir():
+        raise UserError(f"--data-root {root}: folder not found (set CAMVID_ROOT, or fetch it with "
+                        "python dataset.py --download data/CamVid)")
+
+
 def list_images(folder: Path) -> dict[str, Path]:
     """stem -> path of every image file in folder; two files with one stem are an error."""
     found: dict[str, Path] = {}

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import cfg
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable, add_label_cache_args, label_cache_from_args
+from dataset import CamVidDataset, ClassTable, add_label_cache_args, check_data_root, label_cache_from_args
 from train import Loop, evaluate, resolve_class_dict
 from transforms import eval_transform
 import utils
@@ -49,8 +49,7 @@ def report(metrics: dict, names: tuple[str, ...]) -> str:
 def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive integers")
-    if not Path(args.data_root).is_dir():
-        raise UserError(f"--data-root {args.data_root}: folder not found")
+    check_data_root(args.data_root)
     table = ClassTable.from_csv(resolve_class_dict(args.data_root, args.class_dict))
     device = utils.resolve_device(args.device)
     model = utils.model_from_checkpoint(utils.load_checkpoint(args.weights), table, args.weights).to(device)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import cfg
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
-                     label_cache_from_args, normalize_batch)
+                     check_data_root, label_cache_from_args, normalize_batch)
 from evalution_segmentaion import ConfusionMatrix
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
 from transforms import eval_transform, train_transform
@@ -300,10 +300,11 @@ def end_of_epoch(run: dict, epoch: int, metrics: dict, seconds: float, loop: Loo
         return
     print(f"epoch {epoch}: train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
           f"PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} MIoU {row['val_miou']:.4f} ({seconds:.1f}s)")
+    state = checkpoint_state(run, epoch)
     if improved:  # best.pth first: a kill between the two leaves last.pth one epoch back, so --resume redoes
         # this epoch and writes best.pth again (the other order could lose the best epoch for good)
-        utils.save_checkpoint(checkpoint_state(run, epoch), out / "best.pth")
-    save_run(run, epoch)
+        utils.save_checkpoint(state, out / "best.pth")
+    utils.save_checkpoint(state, out / "last.pth")
     utils.write_history(run["history"], out / "history.csv")
     utils.plot_curves(run["history"], out / "curves.png")
     save_val_samples(unwrap(run["model"]), run["val_loader"].dataset, run["table"], loop, out / "val_samples.png")
@@ -413,9 +414,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     if args.workers < 0:
         raise UserError(f"--workers: expected >= 0, got {args.workers}")
-    if not Path(args.data_root).is_dir():
-        raise UserError(f"--data-root {args.data_root}: folder not found (set CAMVID_ROOT, or fetch it with "
-                        "python dataset.py --download data/CamVid)")
+    check_data_root(args.data_root)
 
 
 def resolve_class_dict(data_root: str, class_dict: str | None) -> Path:
@@ -433,8 +432,7 @@ def setup(args: argparse.Namespace) -> dict:
     args.class_dict = resolve_class_dict(args.data_root, args.class_dict)
     device = utils.resolve_device(args.device)
     dist_info, device = utils.init_distributed(device)
-    channels_last = args.channels_last
-    loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last, dist_info,
+    loop = Loop(device, utils.amp_dtype(device, args.amp), args.channels_last, dist_info,
                 log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
@@ -446,7 +444,7 @@ def setup(args: argparse.Namespace) -> dict:
         # GPU modules"). With gloo each process normalises with its own batch statistics; the running
         # statistics are broadcast from rank 0 (DDP's broadcast_buffers, and sync_buffers before validation).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, args, device)
     scheduler = build_scheduler(optimizer, args, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=loop.amp == torch.float16)
