@@ -10,6 +10,7 @@ import copy
 import datetime
 import functools
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -30,10 +31,28 @@ from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
                      label_cache_from_args, normalize_batch)
 from fcn import FCN, FCNConfig
-from transforms import eval_transform, train_transform
+from transforms import Compose, eval_transform, train_transform
 
 DATA_BATCH = 8  # the train loader's default batch
-MATMUL_SIDE = 8192  # bf16 n×n matmuls that define the peak for MFU
+MATMUL_SIDE = 8192  # bf16 n×n matmuls that define the measured peak for MFU
+MATMUL_WARMUP_S = 0.2  # clocks and cuBLAS heuristics settle within this; 3 calls of 1 ms do not
+RECIPE = "camvid"  # train.RECIPES entry whose augmentation data_recipe_img_s measures
+DATA_HEADROOM = 2  # workers_needed keeps the loaders this many times ahead of the fast train step
+
+# Vendor dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched against
+# torch.cuda.get_device_name: first entry whose words all occur wins. Sources: the Hopper whitepaper
+# (H100 SXM5 989.4, PCIe 756), the H100/H200 datasheets' sparse figures halved (H100 NVL and H200 NVL
+# 1,671 -> 835.5; H200 SXM 1,979 -> 989.5, listed as the same chip's 989.4), the A100 datasheet (312,
+# SXM4 and PCIe alike). "NVIDIA H100 80GB HBM3" is the SXM5 board; an H100 of unknown form factor is None.
+SPEC_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H100", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.5),
+    (("H100", "HBM3"), 989.4),
+    (("H100", "SXM"), 989.4),
+    (("H200", "NVL"), 835.5),
+    (("H200",), 989.4),
+    (("A100",), 312.0),
+)
 
 
 @dataclass
@@ -215,15 +234,25 @@ def loader_rate(dataset: CamVidDataset, sampler: Sampler | None, epochs: int, pi
     return statistics.median(wall), statistics.median(cpu) if cpu else None
 
 
+def recipe_transform(recipe: str = RECIPE) -> Compose:
+    """The train augmentation of `train.py --recipe RECIPE`, built with the arguments train.build_loaders uses."""
+    args = train.parse_args(["--recipe", recipe])
+    return train_transform(tuple(args.crop_size), args.scale, args.random_crop, args.flip, args.jitter,
+                           args.downscale)
+
+
 def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device, labels: LabelCache | None) -> dict:
-    """Train-transform (seeded sampler, as train.py) and eval-transform loader throughput; the train
-    transform also without the label cache (every mask decoded and hash-encoded, as in a first epoch)."""
+    """Loader throughput of the centre-crop train transform and of the recipe's augmentation (seeded
+    sampler, as train.py), of the eval transform, and of the centre crop without the label cache (every
+    mask decoded and hash-encoded, as in a first epoch)."""
     pin = device.type == "cuda"
     train_set = CamVidDataset(root, "train", table, train_transform(), label_cache=labels)
+    recipe_set = CamVidDataset(root, "train", table, recipe_transform(), label_cache=labels)
     uncached = CamVidDataset(root, "train", table, train_transform())
     val_set = CamVidDataset(root, "val", table, eval_transform(), label_cache=labels)
     result = {}
-    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)), ("eval", val_set, None),
+    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)),
+                                   ("recipe", recipe_set, SeededSampler(recipe_set)), ("eval", val_set, None),
                                    ("train_nocache", uncached, SeededSampler(uncached))):
         result[f"data_{name}_img_s"], result[f"data_{name}_cpu_img_s"] = loader_rate(dataset, sampler,
                                                                                    plan.data_epochs, pin)
@@ -295,18 +324,38 @@ def infer_call(model: torch.nn.Module, mode: Mode, device: torch.device, images:
     return call
 
 
-def matmul_peak_tflops(device: torch.device, side: int) -> float | None:
-    """bf16 side×side matmul TFLOP/s measured now on this GPU: the peak MFU is relative to (None on CPU)."""
-    if device.type != "cuda":
-        return None
+def matmul_peak_tflops(device: torch.device, side: int) -> float:
+    """bf16 side×side matmul TFLOP/s measured now, after MATMUL_WARMUP_S of back-to-back calls."""
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     b, out = torch.randn_like(a), torch.empty_like(a)
 
     def call() -> None:
         torch.mm(a, b, out=out)
-    timed(call, 3, device)
+    warm_up(call, MATMUL_WARMUP_S, device)
     seconds = statistics.median(timed(call, 10, device) / 10 for _ in range(5))
     return 2 * side ** 3 / seconds / 1e12
+
+
+def warm_up(fn: Callable[[], object], seconds: float, device: torch.device) -> int:
+    """Call fn until at least `seconds` have passed, GPU work included; returns the number of calls."""
+    calls, spent = 0, 0.0
+    while spent < seconds:
+        spent += timed(fn, 1, device)
+        calls += 1
+    return calls
+
+
+def spec_peak_tflops(name: str) -> float | None:
+    """The vendor's dense bf16 peak of a GPU named as torch.cuda.get_device_name does (None if unknown)."""
+    words = name.upper()
+    return next((tflops for keys, tflops in SPEC_BF16_TFLOPS if all(key in words for key in keys)), None)
+
+
+def workers_needed(train_img_s: float | None, data_img_s: float | None) -> int | None:
+    """DataLoader workers that keep the data DATA_HEADROOM× ahead of training (None if either is unknown)."""
+    if not train_img_s or not data_img_s:
+        return None
+    return math.ceil(DATA_HEADROOM * train_img_s / data_img_s)
 
 
 # ---------------------------------------------------------------- the measurements
@@ -365,10 +414,17 @@ def measure_models(plan: Plan, modes: dict[str, Mode], device: torch.device, num
     result["infer_flops_per_img"] = count_flops(meta_model, 1, plan.infer_size, training=False)
     for name in modes:
         result[f"train_{name}_tflops"] = result["flops_per_img"] * result[f"train_{name}_img_s"] / 1e12
-    result["matmul_peak_tflops"] = matmul_peak_tflops(device, matmul_side)
-    peak = result["matmul_peak_tflops"]
-    result["mfu"] = result["train_fast_tflops"] / peak if peak else None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    matmul = matmul_peak_tflops(device, matmul_side) if gpu else None  # MFU is a GPU figure
+    result.update(efficiency(result["train_fast_tflops"], matmul, gpu))
     return result
+
+
+def efficiency(train_tflops: float, matmul_tflops: float | None, gpu: str | None) -> dict:
+    """MFU of the fast train step against the measured matmul peak and against the GPU's spec peak."""
+    spec = spec_peak_tflops(gpu) if gpu else None
+    return {"matmul_peak_tflops": matmul_tflops, "mfu": train_tflops / matmul_tflops if matmul_tflops else None,
+            "spec_peak_tflops": spec, "mfu_spec": train_tflops / spec if spec else None}
 
 
 def device_name(device: torch.device) -> str:
@@ -420,8 +476,10 @@ def data_rows(r: dict) -> list[tuple[str, ...]]:
     common = f"1 worker, batch {r['data_batch']}, uint8"
     cache = "label cache warm after pass 0" if r["label_cache"] else "no label cache"
     return [(f"data pipeline ({cache})", "img/s (wall)", "img/s per CPU-s", ""),
-            (f"train transform, crop {size(cfg.CROP_SIZE)} ({common})", number(r["data_train_img_s"]),
+            (f"train transform, centre crop {size(cfg.CROP_SIZE)} ({common})", number(r["data_train_img_s"]),
              number(r["data_train_cpu_img_s"]), ""),
+            (f"train transform, --recipe {RECIPE} augmentation ({common})",
+             number(r["data_recipe_img_s"]), number(r["data_recipe_cpu_img_s"]), ""),
             (f"eval transform, full image ({common})", number(r["data_eval_img_s"]),
              number(r["data_eval_cpu_img_s"]), ""),
             (f"train transform without the label cache ({common})", number(r["data_train_nocache_img_s"]),
@@ -440,13 +498,17 @@ def model_rows(r: dict) -> list[tuple[str, ...]]:
         eager, fast = r[key.format("eager")], r[key.format("fast")]
         speedup = "" if "mem" in key else ratio(fast, eager) if "latency" in key else ratio(eager, fast)
         rows.append((what, number(eager, unit, digits), number(fast, unit, digits), speedup))
-    mfu = None if r["mfu"] is None else 100 * r["mfu"]
+    mfu, mfu_spec = (None if r[key] is None else 100 * r[key] for key in ("mfu", "mfu_spec"))
     memory = "GPU, torch allocated" if r["device"] == "cuda" else "CPU, peak RSS of the main process"
     return rows + [
         (f"FLOPs/img, train step fwd+bwd {size(r['train_size'])}", number(r["flops_per_img"] / 1e9, " GFLOP"), "", ""),
         (f"FLOPs/img, inference fwd {size(r['infer_size'])}", number(r["infer_flops_per_img"] / 1e9, " GFLOP"), "", ""),
         (f"bf16 {r['matmul_side']}x{r['matmul_side']} matmul peak", number(r["matmul_peak_tflops"], " TFLOP/s"), "", ""),
-        ("MFU of the fast train step", "", number(mfu, " %"), ""),
+        ("bf16 dense peak, vendor spec", number(r["spec_peak_tflops"], " TFLOP/s"), "", ""),
+        ("MFU of the fast train step vs the measured matmul", "", number(mfu, " %"), ""),
+        ("MFU of the fast train step vs the spec peak", "", number(mfu_spec, " %"), ""),
+        (f"workers for {DATA_HEADROOM}x the fast train step (recipe augmentation)",
+         "", "n/a" if r["workers_needed"] is None else str(r["workers_needed"]), ""),
         (f"peak memory ({memory})", number(r["peak_mem_mb"], " MiB", 0), "", "")]
 
 
@@ -480,6 +542,9 @@ def main(args: argparse.Namespace) -> dict:
     result.update(measure_data(args.data_root, table, plan, device, label_cache_from_args(args)))
     result["matmul_side"] = 1024 if args.quick else MATMUL_SIDE
     result.update(measure_models(plan, modes, device, table.num_classes, result["matmul_side"]))
+    # Only a GPU's train rate says how many workers a real run needs; the CPU plan is a smaller model.
+    cuda = device.type == "cuda"
+    result["workers_needed"] = workers_needed(result["train_fast_img_s"], result["data_recipe_img_s"]) if cuda else None
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
     result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
     print_report(result)
