@@ -40,10 +40,10 @@ RECIPE = "camvid"  # train.RECIPES entry whose augmentation data_recipe_img_s me
 DATA_HEADROOM = 2  # workers_needed keeps the loaders this many times ahead of the fast train step
 
 # Vendor dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched against
-# torch.cuda.get_device_name: first entry whose words all occur wins. Sources: the Hopper whitepaper
-# (H100 SXM5 989.4, PCIe 756), the H100/H200 datasheets' sparse figures halved (H100 NVL and H200 NVL
-# 1,671 -> 835.5; H200 SXM 1,979 -> 989.5, listed as the same chip's 989.4), the A100 datasheet (312,
-# SXM4 and PCIe alike). "NVIDIA H100 80GB HBM3" is the SXM5 board; an H100 of unknown form factor is None.
+# torch.cuda.get_device_name (upper-cased): the first entry whose words all occur wins. Sources: the
+# Hopper whitepaper (H100 SXM5 989.4, H100 PCIe 756); NVIDIA's datasheets quote bf16 with sparsity,
+# halved here: H100 NVL and H200 NVL 1,671 -> 835.5, H200 and GH200 1,979 -> the SXM5's 989.4; A100
+# 312 (SXM4 and PCIe alike). "NVIDIA H100 80GB HBM3" is the SXM5 board; a bare "H100" is left unknown.
 SPEC_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("H100", "PCIE"), 756.0),
     (("H100", "NVL"), 835.5),

@@ -20,6 +20,7 @@ NEW_KEYS = {"data_recipe_img_s", "data_recipe_cpu_img_s", "spec_peak_tflops", "m
     ("NVIDIA H100 NVL", 835.5),
     ("NVIDIA H200", 989.4),
     ("NVIDIA H200 NVL", 835.5),
+    ("NVIDIA GH200 480GB", 989.4),
     ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA A100-SXM4-40GB", 312.0),
     ("NVIDIA A100-PCIE-40GB", 312.0),
