@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -44,11 +44,14 @@ def color_hash(rgb: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassTable:
-    """The classes of class_dict.csv: real classes in row order, void colours mapped to the ignore index."""
+    """The classes of class_dict.csv: rows that share a name are one class (indexed by first appearance),
+    void rows map to the ignore index."""
 
     names: tuple[str, ...]
-    colors: np.ndarray  # (num_classes, 3) uint8, row i is class i
+    colors: np.ndarray  # (num_classes, 3) uint8: the first colour of class i, its palette colour
     void_colors: np.ndarray  # (k, 3) uint8
+    extra_colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))  # further colours...
+    extra_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ...and their classes
 
     @property
     def num_classes(self) -> int:
@@ -68,23 +71,31 @@ class ClassTable:
         rgb = frame[["r", "g", "b"]].to_numpy()
         if not np.issubdtype(rgb.dtype, np.integer) or rgb.min() < 0 or rgb.max() > 255:
             raise UserError(f"{path}: r,g,b must be integers in 0..255")
-        if len(np.unique(color_hash(rgb.astype(np.uint8)))) != len(rgb):
+        rgb = rgb.astype(np.uint8)
+        if len(np.unique(color_hash(rgb))) != len(rgb):
             raise UserError(f"{path}: two rows share a colour")
-        is_void = frame["name"].str.strip().str.lower().isin(VOID_NAMES).to_numpy()
-        names = tuple(frame["name"].str.strip()[~is_void])
-        if not names or len(names) >= cfg.IGNORE_INDEX:
-            raise UserError(f"{path}: expected 1..{cfg.IGNORE_INDEX - 1} real classes, found {len(names)}")
-        return cls(names, rgb[~is_void].astype(np.uint8), rgb[is_void].astype(np.uint8))
+        names = frame["name"].astype(str).str.strip()
+        is_void = names.str.lower().isin(VOID_NAMES).to_numpy()
+        classes = tuple(dict.fromkeys(names[~is_void]))  # unique, in order of first appearance
+        if not classes or len(classes) >= cfg.IGNORE_INDEX:
+            raise UserError(f"{path}: expected 1..{cfg.IGNORE_INDEX - 1} real classes, found {len(classes)}")
+        real = rgb[~is_void]
+        labels = names[~is_void].map({name: index for index, name in enumerate(classes)}).to_numpy(np.int64)
+        first_row = np.unique(labels, return_index=True)[1]  # row of each class's first colour, by class index
+        extra = np.ones(len(labels), bool)
+        extra[first_row] = False
+        return cls(classes, real[first_row], rgb[is_void], real[extra], labels[extra])
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted colour hashes and the label of each (class index or the ignore index)."""
-        hashes = np.concatenate([color_hash(self.colors), color_hash(self.void_colors)])
-        labels = np.concatenate([np.arange(self.num_classes), np.full(len(self.void_colors), cfg.IGNORE_INDEX)])
+        hashes = np.concatenate([color_hash(c) for c in (self.colors, self.extra_colors, self.void_colors)])
+        labels = np.concatenate([np.arange(self.num_classes), self.extra_labels,
+                                 np.full(len(self.void_colors), cfg.IGNORE_INDEX)])
         order = np.argsort(hashes)
         return hashes[order], labels[order].astype(np.uint8)
 
     def palette(self) -> np.ndarray:
-        """256×3 uint8 colour for every label value; the ignore index gets the void colour."""
+        """256×3 uint8 colour for every label value (a class's first colour); the ignore index gets the void colour."""
         palette = np.zeros((256, 3), np.uint8)
         palette[: self.num_classes] = self.colors
         if len(self.void_colors):
