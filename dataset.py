@@ -481,8 +481,8 @@ def check_pair(split: str, image_path: Path, mask_path: Path, encoder: MaskEncod
 
 
 def class_shares(checks: list[FileCheck], table: ClassTable, splits: list[str]) -> pd.DataFrame:
-    """Per-class share (%) of each split's mask pixels; void is a row of its own."""
-    rows = [*table.names, "void (ignored)"]
+    """Per-class share (%) of each split's mask pixels; void (the ignore index) is a row of its own."""
+    rows = [*table.names, "void"]
     columns = {}
     for split in splits:
         counts = sum((c.counts for c in checks if c.split == split and c.counts is not None), np.zeros(256, np.int64))
