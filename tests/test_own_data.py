@@ -299,12 +299,18 @@ def local_server(folder):
 
 def test_download_through_torchvision_from_a_local_server(tmp_path):
     archive = segnet_zip(tmp_path / "master.zip")
-    (tmp_path / "broken.zip").write_bytes(archive.read_bytes()[:200])
+    data = archive.read_bytes()
+    (tmp_path / "truncated.zip").write_bytes(data[:200])
+    with zipfile.ZipFile(archive) as bundle:  # one flipped byte inside the last member's stored data
+        last = bundle.infolist()[-1]
+    offset = last.header_offset + 30 + len(last.filename) + last.compress_size // 2
+    (tmp_path / "corrupted.zip").write_bytes(data[:offset] + bytes([data[offset] ^ 1]) + data[offset + 1:])
     with local_server(tmp_path) as url:
         counts = dataset.download_camvid(tmp_path / "CamVid", f"{url}/moved/master.zip")
-        for name in ("broken.zip", "missing.zip"):
+        for name in ("truncated.zip", "corrupted.zip", "missing.zip"):
             with pytest.raises(UserError, match="cannot fetch or unpack .*use --from"):
                 dataset.download_camvid(tmp_path / "other", f"{url}/{name}")
+            assert not (tmp_path / "other").exists()
     assert counts == {"train": 2, "val": 2, "test": 2}
     table = ClassTable.from_csv(tmp_path / "CamVid" / "class_dict.csv")
     labels = dataset.CamVidDataset(tmp_path / "CamVid", "test", table)[1][1].numpy()
