@@ -501,10 +501,10 @@ def split_summary(split: str, checks: list[FileCheck]) -> str:
 def check_dataset(root: str | Path, class_dict: str | Path, workers: int) -> list[str]:
     """Check every split present in one threaded pass; print the summary and class shares, return the problems."""
     root, class_dict = Path(root), Path(class_dict)
-    table = ClassTable.from_csv(class_dict)
-    encoder = MaskEncoder(table)
     if not root.is_dir():
         raise UserError(f"--check {root}: folder not found")
+    table = ClassTable.from_csv(class_dict)
+    encoder = MaskEncoder(table)
     problems, jobs, splits = [], [], []
     for split in cfg.SPLITS:
         required = split in ("train", "val")  # what train.py reads; test.py also needs test/

@@ -35,7 +35,7 @@ Void,1,1,1
 
 def write_merged(root, counts, size=(40, 48)):
     """A dataset of MERGED_CSV whose masks use every colour, merged and void ones included."""
-    (root).mkdir(parents=True)
+    root.mkdir(parents=True)
     (root / "class_dict.csv").write_text(MERGED_CSV)
     table = ClassTable.from_csv(root / "class_dict.csv")
     colours = np.concatenate([table.colors, table.extra_colors, table.void_colors])
@@ -51,9 +51,9 @@ def write_merged(root, counts, size=(40, 48)):
     return root, table
 
 
-def check(root, capsys, *extra):
-    """dataset.py --check ROOT in-process: (UserError or None, stdout, stderr lines)."""
-    args = dataset.get_args_parser().parse_args(["--check", str(root), "--workers", "2", *extra])
+def check(root, capsys, *flags):
+    """dataset.py --check ROOT in-process: (UserError or None, stdout, problem lines)."""
+    args = dataset.get_args_parser().parse_args(["--check", str(root), "--workers", "2", *flags])
     try:
         dataset.main(args)
         error = None
@@ -105,8 +105,15 @@ def test_check_lists_every_problem_of_every_file(tmp_path, capsys):
 def test_check_requires_train_and_val(tmp_path, capsys):
     root = write_camvid(tmp_path / "CamVid", {"train": 1})
     error, _, problems = check(root, capsys)
-    assert error is not None and problems == [f"{root / 'val'}: folder not found (expected the CamVid layout, see README)",
-                                              f"{root / 'val_labels'}: folder not found (expected the CamVid layout, see README)"]
+    missing = "folder not found (expected the CamVid layout, see README)"
+    assert error is not None and problems == [f"{root / 'val'}: {missing}", f"{root / 'val_labels'}: {missing}"]
+
+
+def test_check_uses_the_class_dict_flag(tmp_path, capsys):
+    root = write_camvid(tmp_path / "CamVid", {"train": 1, "val": 1})
+    (tmp_path / "merged.csv").write_text(MERGED_CSV)
+    error, _, problems = check(root, capsys, "--class-dict", str(tmp_path / "merged.csv"))
+    assert error is not None and problems and all(line.endswith("not in merged.csv") for line in problems)
 
 
 def test_check_and_download_are_exclusive():
@@ -158,7 +165,8 @@ CAMVID32 = {
 
 
 def test_camvid32_table_folds_into_the_11_classes():
-    folded, eleven = ClassTable.from_csv(cfg.REPO_ROOT / "data" / "class_dict_camvid32.csv"), ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+    folded = ClassTable.from_csv(cfg.REPO_ROOT / "data" / "class_dict_camvid32.csv")
+    eleven = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
     assert folded.names == eleven.names
     assert np.array_equal(folded.colors, eleven.colors)  # same palette: predict.py's colours are unchanged
     assert np.array_equal(folded.palette(), eleven.palette())
@@ -218,7 +226,8 @@ def test_init_from_loads_a_layer_whole_or_not_at_all(tmp_path, camvid_checkpoint
     target = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
     train.init_from(target, str(camvid_checkpoint), table_of(tmp_path, 11))
     assert not target.score_fr.bias.any()
-    assert torch.equal(target.features[0].weight, torch.load(camvid_checkpoint, weights_only=True)["model"]["features.0.weight"])
+    source = torch.load(camvid_checkpoint, weights_only=True)["model"]
+    assert torch.equal(target.features[0].weight, source["features.0.weight"])
 
 
 def test_init_from_refuses_a_checkpoint_without_a_fitting_backbone_layer(tmp_path):
