@@ -109,6 +109,15 @@ def test_check_requires_train_and_val(tmp_path, capsys):
     assert error is not None and problems == [f"{root / 'val'}: {missing}", f"{root / 'val_labels'}: {missing}"]
 
 
+def test_check_flags_images_below_the_smallest_fcn_input(tmp_path):
+    Image.new("RGB", (40, 20)).save(tmp_path / "a.png")
+    Image.new("RGB", (40, 20)).save(tmp_path / "a_L.png")
+    table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+    found = dataset.check_pair("val", tmp_path / "a.png", tmp_path / "a_L.png", MaskEncoder(table), "class_dict.csv")
+    assert found.size == (40, 20) and found.problems == [f"{tmp_path / 'a.png'}: 40x20 is smaller than the "
+                                                         "smallest FCN input (32x32)"]
+
+
 def test_check_uses_the_class_dict_flag(tmp_path, capsys):
     root = write_camvid(tmp_path / "CamVid", {"train": 1, "val": 1})
     (tmp_path / "merged.csv").write_text(MERGED_CSV)
