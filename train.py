@@ -173,18 +173,31 @@ def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Pa
     return weights.float()
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear kernels only: biases and BatchNorm parameters are left alone."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
+def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+    """Weight decay on conv/linear kernels only (biases and BatchNorm parameters are left alone); with
+    backbone_lr_mult != 1 the VGG features get groups of their own whose "lr_mult" scales the lr."""
+    split = backbone_lr_mult != 1.0
+    groups = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim > 1 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            backbone = split and name.startswith("features.")
+            groups.setdefault((backbone, parameter.ndim > 1), []).append(parameter)
+    result = []
+    # Head groups first: param_groups[0] keeps the base lr, the one history.csv logs
+    for backbone, decay in [(False, True), (False, False), (True, True), (True, False)]:
+        if (backbone, decay) in groups:
+            group = {"params": groups[backbone, decay], "weight_decay": weight_decay if decay else 0.0}
+            result.append({**group, "lr_mult": backbone_lr_mult} if backbone else group)
+    return result
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    """Adam or SGD(momentum), fused kernels on CUDA."""
-    groups = parameter_groups(model, args.weight_decay)
+    """Adam or SGD(momentum), fused kernels on CUDA; the backbone's groups start at lr × --backbone-lr-mult."""
+    if args.backbone_lr_mult < 0:
+        raise UserError(f"--backbone-lr-mult: expected a factor >= 0, got {args.backbone_lr_mult}")
+    groups = parameter_groups(model, args.weight_decay, args.backbone_lr_mult)
+    for group in groups:  # LambdaLR scales each group's own initial lr, so the schedule applies to both
+        group["lr"] = args.lr * group.pop("lr_mult", 1.0)
     fused = {"fused": True} if device.type == "cuda" and args.fused else {}
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, **fused)
@@ -237,13 +250,24 @@ def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | Non
 
 
 def init_from(model: FCN, path: str, table: ClassTable) -> None:
-    """The paper's staged training: start from a coarser variant's weights (every layer whose shape fits)."""
-    source = utils.model_from_checkpoint(utils.load_checkpoint(path), table, path).state_dict()
-    target = model.state_dict()
-    shared = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
-    if not any(k.startswith("features.") for k in shared):
-        raise UserError(f"--init-from {path}: no layer matches this model (another backbone?)")
-    model.load_state_dict(shared, strict=False)
+    """Load every layer of a checkpoint whose tensors all fit (another variant or class set); the rest keeps
+    its fresh initialisation (zero scoring layers, bilinear upsamplers). One line names what was not loaded."""
+    state = utils.load_checkpoint(path)
+    source, target = state["model"], model.state_dict()
+    layers: dict[str, list[str]] = {}
+    for key in target:
+        layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    # All of a layer's tensors or none: never a loaded bias on a fresh kernel
+    fits = {layer: all(k in source and source[k].shape == target[k].shape for k in keys)
+            for layer, keys in layers.items()}
+    if not any(ok for layer, ok in fits.items() if layer.startswith("features.")):
+        raise UserError(f"--init-from {path}: no backbone layer fits this model (another backbone?)")
+    model.load_state_dict({k: source[k] for layer, keys in layers.items() if fits[layer] for k in keys},
+                          strict=False)
+    skipped = [layer for layer, ok in fits.items() if not ok]
+    classes = state["config"].get("model", {}).get("num_classes", "?")
+    print(f"--init-from {path} ({classes} classes -> {table.num_classes}): "
+          + (f"not loaded, freshly initialised: {', '.join(skipped)}" if skipped else "every layer loaded"))
 
 
 def run_config(run: dict) -> dict:
@@ -340,7 +364,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--fc-width", type=int, default=4096, help="fc6/fc7 channels (the paper's 4096; small values for smoke tests)")
     add("--pretrained", nargs="?", const="imagenet", default=None,
         help="ImageNet VGG weights: alone, torchvision's download; with PATH, a torchvision VGG16 state dict")
-    add("--init-from", help="start from another run's checkpoint (e.g. the fcn32s best.pth for fcn16s)")
+    add("--init-from", help="start from another run's checkpoint: every layer whose shape fits (e.g. the fcn32s "
+        "best.pth for fcn16s, or a CamVid model for another class set)")
+    add("--backbone-lr-mult", type=float, default=1.0, help="lr factor of the VGG features (e.g. 0.1 when fine-tuning)")
     add("--epochs", type=int, default=100)
     add("--batch-size", type=int, default=8, help="per process")
     add("--eval-batch-size", type=int, default=8)
