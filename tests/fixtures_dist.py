@@ -52,8 +52,8 @@ def read_history(path: Path) -> list[dict[str, str]]:
 
 
 def without_wall_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """History rows minus `seconds`: that column is wall-clock time and differs between any two runs."""
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    """History rows minus the *seconds columns: wall-clock times differ between any two runs."""
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
 
 
 def load(path: Path) -> dict:

@@ -23,7 +23,7 @@ import utils  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fork")
 
-EPOCHS = ["--epochs", "3", "--seed", "7", "--log-every", "1"]
+EPOCHS = ["--epochs", "3", "--seed", "7", "--log-every", "1", "--save-every", "0"]  # checkpoint every epoch
 
 
 @pytest.fixture(scope="module")
