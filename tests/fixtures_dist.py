@@ -22,11 +22,11 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train.py", "--data-root", str(data), "--out", str(out), *SMALL_TRAIN, *extra]
 
 
-def start(command: list[str], log_dir: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start(command: list[str], log_dir: Path, **popen) -> tuple[subprocess.Popen, Path, Path]:
     """Start a command in the background with stdout/stderr going to files (polled by wait_for_step)."""
     stdout, stderr = log_dir / "stdout.txt", log_dir / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err)
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err, **popen)
     return process, stdout, stderr
 
 

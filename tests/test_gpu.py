@@ -1,0 +1,86 @@
+"""No host sync inside the training and evaluation loops: on CUDA under torch.cuda.set_sync_debug_mode
+(skipped without a GPU), and on the CPU the piece that used to sync, the normalisation constants."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dataset  # noqa: E402
+from evalution_segmentaion import ConfusionMatrix  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
+
+NUM_CLASSES = 11
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_normalization_constants_are_made_once_per_device(monkeypatch):
+    """Building mean/std from Python lists is a pageable host-to-device copy (a sync on CUDA): only once."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = dataset.normalize_batch(images)  # fills the cache for the CPU
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    for channels_last in (False, True, False):
+        assert torch.equal(dataset.normalize_batch(images, channels_last), expected)
+    assert made == []
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    assert torch.allclose(expected[:, :, :1, :1], (images[:, :, :1, :1].float() - mean) /
+                          (torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255))
+
+
+def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
+    """A narrow FCN-8s on the GPU with the default fast path (AMP, channels_last, fused SGD) and a pinned
+    loader of `batches` batches, the last one smaller (as CamVid's 367 = 45×8 + 7)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = FCN(FCNConfig("fcn8s", "vgg16_bn", NUM_CLASSES, fc_width=16)).to(device, memory_format=torch.channels_last)
+    args = argparse.Namespace(weight_decay=5e-4, fused=True, optimizer="sgd", lr=0.01, momentum=0.9,
+                              epochs=2, warmup_epochs=1, schedule="poly", gamma=0.5, step_size=1)
+    optimizer = train.build_optimizer(model, args, device)
+    scheduler = train.build_scheduler(optimizer, args, batches)
+    loop = train.Loop(device, utils.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=loop.amp == torch.float16)
+    count = 2 * batches - 1
+    images = torch.randint(0, 256, (count, 3, 64, 96), dtype=torch.uint8)
+    labels = torch.randint(0, NUM_CLASSES, (count, 64, 96), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2, pin_memory=True)
+    return model, loader, (optimizer, scheduler, scaler), loop
+
+
+def syncs_allowed_from_here(function):
+    """`function` with CUDA syncs allowed from its call on: the end-of-loop summaries (check_finite,
+    ConfusionMatrix.compute) are the loops' sanctioned syncs."""
+    def wrapper(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@needs_cuda
+def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
+    model, loader, (optimizer, scheduler, scaler), loop = cuda_run(3)
+    loss_fn = train.SegmentationLoss().cuda()
+    train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 1, train.fresh_progress())
+    train.evaluate(model, loader, NUM_CLASSES, loop)  # warm-up: caches, cuDNN autotuning, lazy CUDA state
+    torch.cuda.synchronize()
+    # log_every=1000: the loops' only syncs are the final loss check and metrics
+    monkeypatch.setattr(train, "check_finite", syncs_allowed_from_here(train.check_finite))
+    monkeypatch.setattr(ConfusionMatrix, "compute", syncs_allowed_from_here(ConfusionMatrix.compute))
+    try:
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises a RuntimeError
+        assert train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 2,
+                                     train.fresh_progress())
+        torch.cuda.set_sync_debug_mode("error")
+        metrics = train.evaluate(model, loader, NUM_CLASSES, loop)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 <= metrics["pixel_accuracy"] <= 1
