@@ -223,3 +223,32 @@ def test_scaler_state_resumes_whether_saved_empty_or_filled():
     assert run.start_epoch == 4 and run.done == {"steps": 2, "loss_sum": 1.0, "count": 4, "train_seconds": 0.0}
     assert restore_into(torch.amp.GradScaler("cpu"), filled.state_dict()).scaler.get_scale() == 128.0
     restore_into(torch.amp.GradScaler("cpu", enabled=False), filled.state_dict())  # fp16 checkpoint, bf16 run
+
+
+def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(data: Path, tmp_path: Path,
+                                                                              monkeypatch):
+    """--save-every 3600 on a short run: checkpoints and plots only after the last epoch (always validated
+    and saved); --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
+    saved, plotted = [], []
+    real_save, real_plot = utils.save_checkpoint, utils.plot_curves
+    monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
+                                                                        real_save(state, path)))
+    monkeypatch.setattr(utils, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
+    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)  # keep pytest's own signal handlers
+    out = tmp_path / "run"
+    train.main(train.parse_args(fx.train_args(data, out, "--epochs", "3", "--eval-every", "2",
+                                              "--save-every", "3600")[1:]))
+    assert [name for name, _ in saved] == ["best.pth", "last.pth"] and saved[1][1] == 3
+    assert plotted == [3] and (out / "val_samples.png").is_file()
+    rows = fx.read_history(out / "history.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert rows[0]["val_miou"] == rows[0]["iou_Sky"] == "" and rows[1]["val_miou"] and rows[2]["val_miou"]
+    for row in rows:
+        parts = [float(row[key]) for key in ("train_seconds", "val_seconds", "other_seconds")]
+        assert float(row["seconds"]) == pytest.approx(sum(parts), abs=0.002) and parts[0] > 0
+    assert float(rows[0]["val_seconds"]) == 0 < float(rows[1]["val_seconds"])
+    best = utils.load_checkpoint(out / "best.pth")
+    assert set(best) == {"model", "config", "metrics", "class_names", "epoch"} and best["epoch"] in (2, 3)
+    assert best["metrics"]["miou"] == max(float(rows[1]["val_miou"]), float(rows[2]["val_miou"]))
+    table = train.ClassTable.from_csv(data / "class_dict.csv")
+    utils.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do
