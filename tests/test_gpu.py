@@ -84,3 +84,26 @@ def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert 0 <= metrics["pixel_accuracy"] <= 1
+
+
+def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, monkeypatch):
+    """Under torchrun the stop agreement is an all-reduce plus a host sync: only on multiples of
+    --log-every (and at step 0, the end of an epoch), the same steps on every rank."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        reduced = []
+        real_all_reduce = torch.distributed.all_reduce
+        monkeypatch.setattr(torch.distributed, "all_reduce",
+                            lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
+        flag, ranks = utils.StopFlag(), utils.DistInfo(rank=0, world_size=2)  # the multi-process code path
+        flag.requested = True
+        assert [flag.agreed(torch.device("cpu"), ranks, step, every=4) for step in range(1, 9)] == \
+            [False, False, False, True] + [True] * 4
+        assert len(reduced) == 2  # steps 4 and 8
+        late = utils.StopFlag()
+        assert not late.agreed(torch.device("cpu"), ranks, 4, every=4)
+        late.requested = True
+        assert late.agreed(torch.device("cpu"), ranks, 0, every=4)  # the end-of-epoch agreement
+    finally:
+        torch.distributed.destroy_process_group()
