@@ -3,7 +3,7 @@ SIGKILL never leaves a truncated checkpoint, and --resume (from an epoch boundar
 epoch) ends with history.csv holding every epoch once and the same model as an uninterrupted run.
 
 Determinism: with one --seed, two CPU runs give identical history.csv rows in every column except
-`seconds`, which is wall-clock time."""
+the `*seconds` columns, which are wall-clock time."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +56,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 
 def test_same_seed_gives_identical_history(data: Path, reference: Path, tmp_path: Path):
-    """Every history.csv column but `seconds` (wall-clock time), and the weights, match bit for bit."""
+    """Every history.csv column but the `*seconds` (wall-clock time), and the weights, match bit for bit."""
     fx.run([sys.executable, *fx.train_args(data, tmp_path, *EPOCHS)])
     assert_same_run(tmp_path, reference)
 
