@@ -351,8 +351,8 @@ def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float)
     train_seconds, run.done = run.done["train_seconds"], fresh_progress()
     if not main:
         return
-    val = f"val_loss {row['val_loss']:.4f} PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} " \
-          f"MIoU {row['val_miou']:.4f}" if metrics else "(not validated)"
+    val = (f"val_loss {row['val_loss']:.4f} PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} "
+           f"MIoU {row['val_miou']:.4f}") if metrics else "(not validated)"
     print(f"epoch {epoch}: train_loss {train_loss:.4f} {val} ({train_seconds + val_seconds:.1f}s)")
     set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
     if run.args.save_every <= 0 or epoch == run.args.epochs or started - run.saved_at >= run.args.save_every:
