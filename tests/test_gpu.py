@@ -107,3 +107,12 @@ def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, mon
         assert late.agreed(torch.device("cpu"), ranks, 0, every=4)  # the end-of-epoch agreement
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
+    """Pre-Ampere GPUs emulate bf16 (torch.cuda.is_bf16_supported() says True): fp16 is faster there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
+    assert utils.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
+    assert utils.amp_dtype(torch.device("cpu"), True) is None and utils.amp_dtype(torch.device("cuda"), False) is None
