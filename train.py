@@ -486,6 +486,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     if args.workers < 0:
         raise UserError(f"--workers: expected >= 0, got {args.workers}")
+    if args.save_every < 0:
+        raise UserError(f"--save-every: expected seconds >= 0 (0: every epoch), got {args.save_every}")
     check_data_root(args.data_root)
 
 
