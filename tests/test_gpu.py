@@ -2,7 +2,6 @@
 (skipped without a GPU), and on the CPU the piece that used to sync, the normalisation constants."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -43,8 +42,8 @@ def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", "vgg16_bn", NUM_CLASSES, fc_width=16)).to(device, memory_format=torch.channels_last)
-    args = argparse.Namespace(weight_decay=5e-4, fused=True, optimizer="sgd", lr=0.01, momentum=0.9,
-                              epochs=2, warmup_epochs=1, schedule="poly", gamma=0.5, step_size=1)
+    args = train.get_args_parser().parse_args(["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "5e-4",
+                                               "--epochs", "2", "--warmup-epochs", "1", "--schedule", "poly"])
     optimizer = train.build_optimizer(model, args, device)
     scheduler = train.build_scheduler(optimizer, args, batches)
     loop = train.Loop(device, utils.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)

@@ -6,7 +6,6 @@ Determinism: with one --seed, two CPU runs give identical history.csv rows in ev
 the `*seconds` columns, which are wall-clock time."""
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import os
@@ -164,7 +163,7 @@ def trained_optimizer(channels_last: bool, optimizer: str) -> tuple[torch.nn.Mod
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    args = argparse.Namespace(weight_decay=5e-4, fused=True, optimizer=optimizer, lr=0.01, momentum=0.9)
+    args = train.get_args_parser().parse_args(["--optimizer", optimizer, "--lr", "0.01", "--weight-decay", "5e-4"])
     opt = train.build_optimizer(model, args, torch.device("cpu"))
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     opt.step()
