@@ -432,10 +432,19 @@ class ShardSampler(Sampler):
         return iter(self.indices)
 
 
+@functools.lru_cache(maxsize=None)
+def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std ×255 as 1×3×1×1 tensors, made once per device: building them from Python
+    lists copies from pageable host memory, a host sync on CUDA at every call."""
+    with torch.inference_mode(False):  # a first call under inference mode must not cache inference tensors
+        mean = torch.tensor(cfg.IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(cfg.IMAGENET_STD).view(1, 3, 1, 1) * 255
+        return mean.to(device), std.to(device)
+
+
 def normalize_batch(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """N×3×H×W uint8 (on any device) -> ImageNet-normalised float32: the one preprocessing path."""
-    mean = torch.tensor(cfg.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = normalization_constants(images.device)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     return ((images.float() - mean) / std).contiguous(memory_format=memory)
 

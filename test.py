@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--json", type=Path, help="also write the metrics to this JSON file")
     add("--batch-size", type=int, default=4)
     add("--device", default="auto", help="auto, cpu or cuda")
-    add("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    add("--workers", type=int, default=utils.default_workers(), help="data loader processes (see train.py --help)")
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     add_label_cache_args(parser)

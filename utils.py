@@ -44,7 +44,20 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """bf16 where the GPU supports it, else fp16; None (fp32) on CPU or when disabled."""
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16() else torch.float16
+
+
+def native_bf16() -> bool:
+    """bf16 in hardware: emulated bf16 (pre-Ampere GPUs) is slower than fp16 with a scaler."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.3 has no including_emulation and counts only native support
+        return torch.cuda.is_bf16_supported()
+
+
+def default_workers() -> int:
+    """Data-loader processes: up to 8, leaving 2 cores to the main process and its pin-memory thread."""
+    return max(1, min(8, (os.cpu_count() or 1) - 2))
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -88,7 +101,8 @@ class StopFlag:
     """Turns SIGINT/SIGTERM into a request to stop after the current step."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # this process got a signal
+        self.stopping = False  # every process agreed to stop
         self.signal_name = ""
 
     def install(self) -> None:
@@ -98,13 +112,25 @@ class StopFlag:
     def _handle(self, signum: int, frame) -> None:
         self.requested, self.signal_name = True, signal.Signals(signum).name
 
-    def agreed(self, device: torch.device, dist_info: DistInfo) -> bool:
-        """True when any process was asked to stop (all ranks must leave the loop at the same step)."""
+    def agreed(self, device: torch.device, dist_info: DistInfo, step: int, every: int = 1) -> bool:
+        """True when any process was asked to stop. Under torchrun the ranks compare flags (an all-reduce
+        and a host sync) only when `step` is a multiple of `every`, so all of them leave at the same step."""
         if not dist_info.enabled:
-            return self.requested
-        flag = torch.tensor([int(self.requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            self.stopping = self.requested
+        elif step % every == 0:
+            flag = torch.tensor([int(self.requested)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.stopping = bool(flag.item())
+        if self.stopping and not self.signal_name:
+            self.signal_name = "stop signal (another rank)"
+        return self.stopping
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a job-wide SIGINT/SIGTERM (SLURM, `timeout`, systemd) is the main
+    process's to handle; a worker killed by it would crash the run before it can save."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- files
@@ -154,7 +180,8 @@ def write_history(rows: list[dict], path: str | Path) -> None:
     """history.csv from the rows kept in the checkpoint, so the two never disagree."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            columns = dict.fromkeys(key for row in rows for key in row)  # rows of older runs may lack some
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
             writer.writeheader()
             writer.writerows(rows)
     if rows:
@@ -167,13 +194,13 @@ def plot_curves(rows: list[dict], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in rows]
+    validated = [row for row in rows if row["val_miou"] is not None]  # --eval-every skips some epochs
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [row["train_loss"] for row in rows], label="train")
-    loss_axis.plot(epochs, [row["val_loss"] for row in rows], label="val")
+    loss_axis.plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], label="train")
+    loss_axis.plot([row["epoch"] for row in validated], [row["val_loss"] for row in validated], label="val")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     for key, label in (("val_miou", "MIoU"), ("val_pa", "PA"), ("val_mpa", "MPA")):
-        metric_axis.plot(epochs, [row[key] for row in rows], label=label)
+        metric_axis.plot([row["epoch"] for row in validated], [row[key] for row in validated], label=label)
     metric_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
     for axis in (loss_axis, metric_axis):
         axis.grid(alpha=0.3)
@@ -200,7 +227,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
     """results.json of a run: the best val epoch's metrics and how the run was made."""
-    best = max(history, key=lambda row: row["val_miou"])
+    best = max((row for row in history if row["val_miou"] is not None), key=lambda row: row["val_miou"])
     train = config.get("train", {})
     return {"split": "val", "miou": best["val_miou"], "pixel_accuracy": best["val_pa"],
             "mean_pixel_accuracy": best["val_mpa"],

@@ -22,11 +22,11 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train.py", "--data-root", str(data), "--out", str(out), *SMALL_TRAIN, *extra]
 
 
-def start(command: list[str], log_dir: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start(command: list[str], log_dir: Path, **popen) -> tuple[subprocess.Popen, Path, Path]:
     """Start a command in the background with stdout/stderr going to files (polled by wait_for_step)."""
     stdout, stderr = log_dir / "stdout.txt", log_dir / "stderr.txt"
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err)
+        process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err, **popen)
     return process, stdout, stderr
 
 
@@ -52,8 +52,8 @@ def read_history(path: Path) -> list[dict[str, str]]:
 
 
 def without_wall_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """History rows minus `seconds`: that column is wall-clock time and differs between any two runs."""
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    """History rows minus the *seconds columns: wall-clock times differ between any two runs."""
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
 
 
 def load(path: Path) -> dict:

@@ -3,9 +3,10 @@ SIGKILL never leaves a truncated checkpoint, and --resume (from an epoch boundar
 epoch) ends with history.csv holding every epoch once and the same model as an uninterrupted run.
 
 Determinism: with one --seed, two CPU runs give identical history.csv rows in every column except
-`seconds`, which is wall-clock time."""
+the `*seconds` columns, which are wall-clock time."""
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import signal
@@ -19,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 
+import train  # noqa: E402
 import utils  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fork")
 
-EPOCHS = ["--epochs", "3", "--seed", "7", "--log-every", "1"]
+EPOCHS = ["--epochs", "3", "--seed", "7", "--log-every", "1", "--save-every", "0"]  # checkpoint every epoch
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 
 def test_same_seed_gives_identical_history(data: Path, reference: Path, tmp_path: Path):
-    """Every history.csv column but `seconds` (wall-clock time), and the weights, match bit for bit."""
+    """Every history.csv column but the `*seconds` (wall-clock time), and the weights, match bit for bit."""
     fx.run([sys.executable, *fx.train_args(data, tmp_path, *EPOCHS)])
     assert_same_run(tmp_path, reference)
 
@@ -137,3 +140,114 @@ def test_sigkill_during_checkpoint_writes_never_truncates(tmp_path: Path):
         weights = utils.load_checkpoint(target)["model"]["w"]
         assert weights.shape == (1 << 20,) and float(weights[0]) in (0.0, 1.0)
         assert bool((weights == weights[0]).all())
+
+
+def test_sigterm_to_the_whole_process_group_with_workers_stops_cleanly(data: Path, tmp_path: Path):
+    """SLURM, `timeout` and systemd signal every process of the job, DataLoader workers included: the
+    workers must leave it to the main process, which saves and exits 0; --resume then finishes."""
+    command = [sys.executable, *fx.train_args(data, tmp_path / "run", "--epochs", "2", "--log-every", "1",
+                                              "--workers", "2")]
+    process, stdout, stderr = fx.start(command, tmp_path, start_new_session=True)
+    fx.wait_for_step(process, stderr, epoch=1)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, stderr.read_text()
+    assert "SIGTERM: stopped in epoch 1" in stdout.read_text()
+    assert "Traceback" not in stderr.read_text()
+    assert utils.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
+    fx.run(command + ["--resume"])
+    assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1", "2"]
+
+
+def trained_optimizer(channels_last: bool, optimizer: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A narrow FCN and its optimizer after one step, so momentum/Adam state exists."""
+    torch.manual_seed(0)
+    model = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    args = train.get_args_parser().parse_args(["--optimizer", optimizer, "--lr", "0.01", "--weight-decay", "5e-4"])
+    opt = train.build_optimizer(model, args, torch.device("cpu"))
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def checkpoint_round_trip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_optimizer_state_resumes_with_this_runs_kernels_and_memory_format(optimizer: str, saved_channels_last: bool):
+    """A checkpoint from a fused CUDA run (fused=True in its param_groups) resumed on the CPU, with the
+    other --channels-last setting: this run's kernel flags, state tensors laid out like the parameters."""
+    _, saved = trained_optimizer(saved_channels_last, optimizer)
+    state = saved.state_dict()
+    for group in state["param_groups"]:
+        group.update(fused=True, foreach=None)
+    model, opt = trained_optimizer(not saved_channels_last, optimizer)
+    train.load_optimizer_state(opt, checkpoint_round_trip(state))
+    assert all(not group["fused"] for group in opt.param_groups)
+    moments = 0
+    for group, saved_group in zip(opt.param_groups, state["param_groups"]):
+        for parameter, index in zip(group["params"], saved_group["params"]):
+            for key, value in state["state"][index].items():
+                if key != "step":  # momentum_buffer, exp_avg, exp_avg_sq: the parameter's shape and layout
+                    assert opt.state[parameter][key].stride() == parameter.stride(), key
+                    assert torch.equal(opt.state[parameter][key], value)
+                    moments += 1
+    assert moments >= len(list(model.parameters()))
+    opt.step()  # the restored state works with this run's kernels
+
+
+def restore_into(scaler: torch.amp.GradScaler, saved_scaler: dict) -> train.Run:
+    """train.restore on a Run that has the pieces restore touches."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = train.Run(None, None, model, optimizer, scheduler, scaler, None, None, None, None)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": saved_scaler,
+             "epoch": 3, "best_miou": 0.5, "history": [],
+             "partial_epoch": {"steps": 2, "loss_sum": 1.0, "count": 4, "seconds": 1.5}}  # older key name
+    train.restore(run, checkpoint_round_trip(state))
+    return run
+
+
+def test_scaler_state_resumes_whether_saved_empty_or_filled():
+    """fp16 runs use a GradScaler; bf16 and CPU runs save a disabled one's empty state."""
+    filled = torch.amp.GradScaler("cpu", init_scale=128.0)
+    filled.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
+    run = restore_into(torch.amp.GradScaler("cpu"), {})  # bf16/CPU checkpoint, fp16 run: a fresh scale
+    assert run.start_epoch == 4 and run.done == {"steps": 2, "loss_sum": 1.0, "count": 4, "train_seconds": 0.0}
+    assert restore_into(torch.amp.GradScaler("cpu"), filled.state_dict()).scaler.get_scale() == 128.0
+    restore_into(torch.amp.GradScaler("cpu", enabled=False), filled.state_dict())  # fp16 checkpoint, bf16 run
+
+
+def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(data: Path, tmp_path: Path,
+                                                                              monkeypatch):
+    """--save-every 3600 on a short run: checkpoints and plots only after the last epoch (always validated
+    and saved); --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
+    saved, plotted = [], []
+    real_save, real_plot = utils.save_checkpoint, utils.plot_curves
+    monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
+                                                                        real_save(state, path)))
+    monkeypatch.setattr(utils, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
+    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)  # keep pytest's own signal handlers
+    out = tmp_path / "run"
+    train.main(train.parse_args(fx.train_args(data, out, "--epochs", "3", "--eval-every", "2",
+                                              "--save-every", "3600")[1:]))
+    assert [name for name, _ in saved] == ["best.pth", "last.pth"] and saved[1][1] == 3
+    assert plotted == [3] and (out / "val_samples.png").is_file()
+    rows = fx.read_history(out / "history.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert rows[0]["val_miou"] == rows[0]["iou_Sky"] == "" and rows[1]["val_miou"] and rows[2]["val_miou"]
+    for row in rows:
+        parts = [float(row[key]) for key in ("train_seconds", "val_seconds", "other_seconds")]
+        assert float(row["seconds"]) == pytest.approx(sum(parts), abs=0.002) and parts[0] > 0
+    assert float(rows[0]["val_seconds"]) == 0 < float(rows[1]["val_seconds"])
+    best = utils.load_checkpoint(out / "best.pth")
+    assert set(best) == {"model", "config", "metrics", "class_names", "epoch"} and best["epoch"] in (2, 3)
+    assert best["metrics"]["miou"] == max(float(rows[1]["val_miou"]), float(rows[2]["val_miou"]))
+    table = train.ClassTable.from_csv(data / "class_dict.csv")
+    utils.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do

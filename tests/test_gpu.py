@@ -1,0 +1,117 @@
+"""No host sync inside the training and evaluation loops: on CUDA under torch.cuda.set_sync_debug_mode
+(skipped without a GPU), and on the CPU the piece that used to sync, the normalisation constants."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dataset  # noqa: E402
+from evalution_segmentaion import ConfusionMatrix  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
+
+NUM_CLASSES = 11
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_normalization_constants_are_made_once_per_device(monkeypatch):
+    """Building mean/std from Python lists is a pageable host-to-device copy (a sync on CUDA): only once."""
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = dataset.normalize_batch(images)  # fills the cache for the CPU
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    for channels_last in (False, True, False):
+        assert torch.equal(dataset.normalize_batch(images, channels_last), expected)
+    assert made == []
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    assert torch.allclose(expected[:, :, :1, :1], (images[:, :, :1, :1].float() - mean) /
+                          (torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255))
+
+
+def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
+    """A narrow FCN-8s on the GPU with the default fast path (AMP, channels_last, fused SGD) and a pinned
+    loader of `batches` batches, the last one smaller (as CamVid's 367 = 45×8 + 7)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = FCN(FCNConfig("fcn8s", "vgg16_bn", NUM_CLASSES, fc_width=16)).to(device, memory_format=torch.channels_last)
+    args = train.get_args_parser().parse_args(["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "5e-4",
+                                               "--epochs", "2", "--warmup-epochs", "1", "--schedule", "poly"])
+    optimizer = train.build_optimizer(model, args, device)
+    scheduler = train.build_scheduler(optimizer, args, batches)
+    loop = train.Loop(device, utils.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=loop.amp == torch.float16)
+    count = 2 * batches - 1
+    images = torch.randint(0, 256, (count, 3, 64, 96), dtype=torch.uint8)
+    labels = torch.randint(0, NUM_CLASSES, (count, 64, 96), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2, pin_memory=True)
+    return model, loader, (optimizer, scheduler, scaler), loop
+
+
+def syncs_allowed_from_here(function):
+    """`function` with CUDA syncs allowed from its call on: the end-of-loop summaries (check_finite,
+    ConfusionMatrix.compute) are the loops' sanctioned syncs."""
+    def wrapper(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@needs_cuda
+def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
+    model, loader, (optimizer, scheduler, scaler), loop = cuda_run(3)
+    loss_fn = train.SegmentationLoss().cuda()
+    train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 1, train.fresh_progress())
+    train.evaluate(model, loader, NUM_CLASSES, loop)  # warm-up: caches, cuDNN autotuning, lazy CUDA state
+    torch.cuda.synchronize()
+    # log_every=1000: the loops' only syncs are the final loss check and metrics
+    monkeypatch.setattr(train, "check_finite", syncs_allowed_from_here(train.check_finite))
+    monkeypatch.setattr(ConfusionMatrix, "compute", syncs_allowed_from_here(ConfusionMatrix.compute))
+    try:
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises a RuntimeError
+        assert train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 2,
+                                     train.fresh_progress())
+        torch.cuda.set_sync_debug_mode("error")
+        metrics = train.evaluate(model, loader, NUM_CLASSES, loop)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 <= metrics["pixel_accuracy"] <= 1
+
+
+def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, monkeypatch):
+    """Under torchrun the stop agreement is an all-reduce plus a host sync: only on multiples of
+    --log-every (and at step 0, the end of an epoch), the same steps on every rank."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        reduced = []
+        real_all_reduce = torch.distributed.all_reduce
+        monkeypatch.setattr(torch.distributed, "all_reduce",
+                            lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
+        flag, ranks = utils.StopFlag(), utils.DistInfo(rank=0, world_size=2)  # the multi-process code path
+        flag.requested = True
+        assert [flag.agreed(torch.device("cpu"), ranks, step, every=4) for step in range(1, 9)] == \
+            [False, False, False, True] + [True] * 4
+        assert len(reduced) == 2  # steps 4 and 8
+        late = utils.StopFlag()
+        assert not late.agreed(torch.device("cpu"), ranks, 4, every=4)
+        late.requested = True
+        assert late.agreed(torch.device("cpu"), ranks, 0, every=4)  # the end-of-epoch agreement
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
+    """Pre-Ampere GPUs emulate bf16 (torch.cuda.is_bf16_supported() says True): fp16 is faster there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
+    assert utils.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
+    assert utils.amp_dtype(torch.device("cpu"), True) is None and utils.amp_dtype(torch.device("cuda"), False) is None
