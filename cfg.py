@@ -12,7 +12,6 @@ EVAL_SIZE = (360, 480)  # CamVid's native resolution, the benchmark protocol
 MIN_INPUT_SIDE = 32  # five 2x poolings need at least this much
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")  # predict.py streams these with PyAV
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = "_L"  # CamVid masks are <stem>_L.png
 SPLITS = ("train", "val", "test")
@@ -27,8 +26,8 @@ def default_data_root() -> str:
 
 # How torch.utils.data re-raises a worker's exception in the main process: the same type built from
 # "Caught UserError in DataLoader worker process 0.\nOriginal Traceback ...\ncfg.UserError: <message>".
-WORKER_WRAPPER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback.*\n(?:[\w.]+\.)?\1: (.*)",
-                            re.DOTALL)
+WORKER_WRAPPER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\n"
+                            r"Original Traceback.*\n(?:[\w.]+\.)?\1: (.*)", re.DOTALL)
 
 
 class UserError(Exception):

@@ -78,6 +78,11 @@ class Runner:
         if not 0 < self.scale <= 8:
             raise UserError(f"--scale {self.scale}: expected a factor in (0, 8]")
 
+    def fits(self, height: int, width: int) -> bool:
+        """Whether an image of this size is at least the model's minimum at every scale it is run at."""
+        smallest = min(height, width) * self.scale * min(self.tta.scales)
+        return round(smallest) >= cfg.MIN_INPUT_SIDE
+
     def forward(self, images: torch.Tensor, factor: float) -> torch.Tensor:
         """Normalised N×3×H×W -> float logits at H×W, the model run at factor × the size."""
         size = images.shape[-2:]
