@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", required=True, type=Path, help="output folder (see README: names mirror the inputs)")
     add("--format", default="color", choices=("color", "index", "both"),
         help="color: <name>.png colour mask; index: <name>.png 8-bit class indices; both: colour + <name>_index.png")
-    add("--overlay", action="store_true", help="also write <name>_overlay.png (videos: the overlay instead of the mask)")
+    add("--overlay", action="store_true", help="also write <name>_overlay.png (video: the overlay, not the mask)")
     add("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
     add("--scale", type=float, default=1.0, help="run the model on frames resized by this factor (e.g. 0.33 for 1080p)")
@@ -285,6 +285,8 @@ def main(args: argparse.Namespace) -> int:
                         f"{table.num_classes}")
     jobs = gather_inputs(args.input)
     check_outputs(jobs, args)
+    if any(is_video(source) for source, _ in jobs):
+        import_av()  # fail before the model loads
     device = utils.resolve_device(args.device)
     model = inference.load_model(args.weights, table, device)
     runner = inference.Runner(model, device, utils.amp_dtype(device, args.amp), args.channels_last, args.scale,

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on CamVid: PA, MPA, MIoU, FWIoU, per-class IoU, the confusion matrix. `python test.py --help`."""
+"""Evaluate a checkpoint on CamVid: PA, MPA, MIoU, FWIoU, per-class IoU, confusion. `python test.py --help`."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--weights", required=True, help="checkpoint written by train.py (best.pth or last.pth) or an exported .onnx")
     add("--limit", type=int, help="only the first K images (by stem)")
     add("--crop", action="store_true", help="evaluate on the 352x480 centre crop instead of full 360x480")
+    add("--downscale", type=float, default=1.0, help="shrink images and labels by this factor first (smoke runs)")
     add("--json", type=Path, help="also write the metrics (confusion matrix included) to this JSON file")
     add("--report", type=Path, metavar="DIR", help="write confusion.csv, confusion.png and per_class.csv here")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
@@ -90,23 +91,28 @@ def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace,
             "miou": metrics["miou"], "fwiou": metrics["fwiou"], "iou": dict(zip(names, metrics["iou"])),
             "class_accuracy": dict(zip(names, metrics["class_accuracy"])), "split": args.split,
             "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
-            "tta": inference.parse_tta(args.tta).to_dict(), "scale": args.scale, "weights": str(args.weights)}
+            "tta": inference.parse_tta(args.tta).to_dict(), "scale": args.scale, "downscale": args.downscale,
+            "weights": str(args.weights)}
 
 
 def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive integers")
+    if args.downscale <= 0:
+        raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     tta = inference.parse_tta(args.tta)
     check_data_root(args.data_root)
     table = ClassTable.from_csv(resolve_class_dict(args.data_root, args.class_dict))
     device = utils.resolve_device(args.device)
     model = inference.load_model(args.weights, table, device)
-    dataset = CamVidDataset(args.data_root, args.split, table, eval_transform(cfg.CROP_SIZE if args.crop else None),
-                            args.limit, label_cache=label_cache_from_args(args))
+    transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
+    dataset = CamVidDataset(args.data_root, args.split, table, transform, args.limit,
+                            label_cache=label_cache_from_args(args))
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     metrics = inference.evaluate(model, loader, table.num_classes, device, utils.amp_dtype(device, args.amp),
                                  args.channels_last, tta, args.scale, progress=True)
     print(f"{args.split}: {len(dataset)} images, {'352x480 centre crop' if args.crop else 'full resolution'}"
+          + (f" shrunk {args.downscale:g}x" if args.downscale != 1 else "")
           + (f", TTA {args.tta}" if tta.enabled else "") + (f", scale {args.scale:g}" if args.scale != 1 else ""))
     print(report(metrics, table.names))
     if args.report:
