@@ -122,7 +122,7 @@ class Writer:
     """Runs file writes on a few threads while the model works on the next batch; at most `depth` writes
     wait at once, so memory stays flat however many images there are."""
 
-    def __init__(self, threads: int = 2, depth: int = 16):
+    def __init__(self, threads: int = min(4, os.cpu_count() or 1), depth: int = 16):
         self.pool = ThreadPoolExecutor(threads)
         self.pending: deque[Future] = deque()
         self.depth = depth

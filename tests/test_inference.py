@@ -1,5 +1,6 @@
 """inference.py: the one forward path (--scale, TTA), evaluate() over a split, model loading, and
 DataLoader-worker errors reaching the user as their own one line."""
+import json
 import sys
 import types
 
@@ -95,6 +96,20 @@ def test_evaluate_counts_every_labelled_pixel_once_whatever_the_batch(model, tmp
     predicted = runner(model).labels(torch.stack([dataset[i][0] for i in range(3)]))
     assert torch.equal(one["confusion"].diag().sum(), ((predicted == labels) & (labels != cfg.IGNORE_INDEX)).sum())
     assert {"pixel_accuracy", "mean_pixel_accuracy", "miou", "fwiou", "iou", "class_accuracy", "loss"} <= set(one)
+    # train.evaluate (to be replaced by this one) gives the same metrics and loss.
+    from train import Loop, evaluate
+    trained = evaluate(model, DataLoader(dataset, 3), TABLE.num_classes, Loop(torch.device("cpu"), None, False))
+    assert trained["miou"] == one["miou"] and trained["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_test_py_json_records_the_tta(weights, tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"test": 1}, seed=6)
+    args = test_script.get_args_parser().parse_args(
+        ["--data-root", str(root), "--weights", str(weights), "--workers", "0", "--tta", "flip",
+         "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    metrics = test_script.main(args)
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["tta"] == {"flip": True, "scales": [1.0]} and result["miou"] == metrics["miou"]
 
 
 def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):

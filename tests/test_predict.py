@@ -75,9 +75,13 @@ def test_output_names_mirror_the_inputs_and_never_collide(weights, tmp_path):
     assert not (tmp_path / "clash").exists()
 
 
-def test_scale_keeps_the_input_size(weights, tmp_path):
-    run(weights, [photo(tmp_path / "p.png", (128, 96))], tmp_path / "out", "--scale", "0.5", "--workers", "0")
-    assert Image.open(tmp_path / "out" / "p.png").size == (128, 96)
+def test_scale_and_tta_reach_the_model(weights, tmp_path):
+    source = photo(tmp_path / "p.png", (128, 96))
+    run(weights, [source], tmp_path / "out", "--scale", "0.5", "--tta", "flip,1,1.5", "--format", "index")
+    model = inference.load_model(weights, TABLE, torch.device("cpu"))
+    expected = inference.Runner(model, torch.device("cpu"), scale=0.5, tta=inference.parse_tta("flip,1,1.5"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "p.png")),
+                                  expected.labels(read_image(source)[None])[0].numpy())
 
 
 def write_video(path, frames=12, size=(96, 64), fps=10):
