@@ -223,17 +223,30 @@ def predict_video(source: Path, target: Path, runner: inference.Runner, table: C
         with av.open(str(source)) as container:
             stream = container.streams.video[0]
             target.parent.mkdir(parents=True, exist_ok=True)
-            count = [0]
-            utils.atomic_write(target, lambda tmp: encode_video(av, container, stream, tmp, target, runner, table,
-                                                                args, count))
-            return count[0]
+            counted: list[int] = []
+            utils.atomic_write(target, lambda tmp: counted.append(
+                encode_video(av, container, stream, tmp, target, runner, table, args)))
+            return counted[0]
     except (av.error.FFmpegError, IndexError) as exc:  # IndexError: a file without a video stream
         raise UserError(f"--input {source}: cannot read or write this video ({exc})") from exc
 
 
+def frame_batches(container, stream, size: int) -> Iterator[list[np.ndarray]]:
+    """Decoded H×W×3 uint8 frames, `size` at a time (the last batch may be shorter)."""
+    frames: list[np.ndarray] = []
+    for frame in container.decode(stream):
+        frames.append(frame.to_ndarray(format="rgb24"))
+        if len(frames) == size:
+            yield frames
+            frames = []
+    if frames:
+        yield frames
+
+
 def encode_video(av, container, stream, path: Path, target: Path, runner: inference.Runner, table: ClassTable,
-                 args: argparse.Namespace, count: list[int]) -> None:
-    """Decode, predict in batches of --batch-size frames, encode on a writer thread (frames stay in order)."""
+                 args: argparse.Namespace) -> int:
+    """Decode, predict in batches of --batch-size frames, encode on a writer thread (frames stay in order);
+    returns the frame count. `path` is the temporary file that becomes `target`."""
     width, height = stream.codec_context.width, stream.codec_context.height
     if width % 2 or height % 2:
         raise UserError(f"--input: {width}x{height} video; predict.py writes yuv420p video, which needs even sizes")
@@ -241,32 +254,27 @@ def encode_video(av, container, stream, path: Path, target: Path, runner: infere
         raise UserError(f"--input: {width}x{height} video frames are too small for the model")
     suffix = target.suffix.lower()
     codec = "libvpx-vp9" if suffix == ".webm" else "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    count = 0
     with av.open(str(path), "w", format=VIDEO_FORMATS[suffix]) as output:
         out = output.add_stream(codec, rate=stream.average_rate or stream.guessed_rate or 25)
         out.width, out.height, out.pix_fmt = width, height, "yuv420p"
-        writer = Writer(threads=1, depth=4)
 
         def write(frames: list[np.ndarray], labels: np.ndarray) -> None:
             for frame, label in zip(frames, labels):
                 picture = paint(frame, label, table, args.overlay, args.alpha)
                 output.mux(out.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
 
-        frames: list[np.ndarray] = []
+        writer = Writer(threads=1, depth=4)  # one thread: the encoder takes frames in order
         with tqdm(total=stream.frames or None, desc=target.name, unit="frame", dynamic_ncols=True) as bar:
             try:
-                for frame in container.decode(stream):
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    if len(frames) == args.batch_size:
-                        writer.submit(write, frames, predict_frames(frames, runner))
-                        count[0], frames = count[0] + len(frames), []
-                        bar.update(args.batch_size)
-                if frames:
+                for frames in frame_batches(container, stream, args.batch_size):
                     writer.submit(write, frames, predict_frames(frames, runner))
-                    count[0] += len(frames)
+                    count += len(frames)
                     bar.update(len(frames))
             finally:
                 writer.close()
         output.mux(out.encode())  # flush the encoder
+    return count
 
 
 def predict_frames(frames: list[np.ndarray], runner: inference.Runner) -> np.ndarray:
