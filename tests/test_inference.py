@@ -122,6 +122,31 @@ def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
     assert isinstance(loaded, FCN) and not loaded.training
 
 
+class FakeOnnx:
+    """Stands in for onnx_backend.OnnxModel: records what it is fed, returns zero logits."""
+
+    is_onnx, num_classes = True, TABLE.num_classes
+
+    def __init__(self):
+        self.inputs = []
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        self.inputs.append((images, torch.is_autocast_enabled("cpu")))
+        return torch.zeros(len(images), self.num_classes, *images.shape[-2:])
+
+
+def test_onnx_models_get_plain_float32_nchw_without_autocast():
+    fake = FakeOnnx()
+    onnx_runner = inference.Runner(fake, torch.device("cpu"), amp=torch.bfloat16, channels_last=True)
+    assert onnx_runner.labels(images(7, count=1)).shape == (1, 64, 96)
+    fed, autocast = fake.inputs[0]
+    assert fed.dtype == torch.float32 and fed.is_contiguous() and not autocast
+    torch.testing.assert_close(fed, normalize_batch(images(7, count=1)))
+
+
 def test_user_error_from_a_dataloader_worker_keeps_its_own_message():
     wrapped = ("Caught UserError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\n    raise UserError("a: b")\ncfg.UserError: m_L.png: colour (7, 7, 7)\n')
