@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -23,5 +24,16 @@ def default_data_root() -> str:
     return os.environ.get("CAMVID_ROOT") or "data/CamVid"
 
 
+# How torch.utils.data re-raises a worker's exception in the main process: the same type built from
+# "Caught UserError in DataLoader worker process 0.\nOriginal Traceback ...\ncfg.UserError: <message>".
+WORKER_WRAPPER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\n"
+                            r"Original Traceback.*\n(?:[\w.]+\.)?\1: (.*)", re.DOTALL)
+
+
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+    def __init__(self, message: str = ""):
+        # Recover the worker's own message so `--workers N` prints the line `--workers 0` prints.
+        match = WORKER_WRAPPER.fullmatch(message)
+        super().__init__(match.group(2).strip() if match else message)

@@ -1,18 +1,19 @@
-"""Evaluate a checkpoint on CamVid: PA, MPA, MIoU, FWIoU and per-class IoU. `python test.py --help`."""
+"""Evaluate a checkpoint on CamVid: PA, MPA, MIoU, FWIoU, per-class IoU, confusion. `python test.py --help`."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 import cfg
 from cfg import UserError
 from dataset import CamVidDataset, ClassTable, add_label_cache_args, check_data_root, label_cache_from_args
-from train import Loop, evaluate, resolve_class_dict
+import inference
+from train import resolve_class_dict
 from transforms import eval_transform
 import utils
 
@@ -23,10 +24,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
     add("--class-dict", default=None, help="class_dict.csv (default: DATA_ROOT/class_dict.csv, else data/class_dict.csv)")
     add("--split", default="test", choices=("test", "val"))
-    add("--weights", required=True, help="checkpoint written by train.py (best.pth or last.pth)")
+    add("--weights", required=True, help="checkpoint written by train.py (best.pth or last.pth) or an exported .onnx")
     add("--limit", type=int, help="only the first K images (by stem)")
     add("--crop", action="store_true", help="evaluate on the 352x480 centre crop instead of full 360x480")
-    add("--json", type=Path, help="also write the metrics to this JSON file")
+    add("--downscale", type=float, default=1.0, help="shrink images and labels by this factor first (smoke runs)")
+    add("--json", type=Path, help="also write the metrics (confusion matrix included) to this JSON file")
+    add("--report", type=Path, metavar="DIR", help="write confusion.csv, confusion.png and per_class.csv here")
+    add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
+    add("--scale", type=float, default=1.0, help="run the model on images resized by this factor")
     add("--batch-size", type=int, default=4)
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--workers", type=int, default=utils.default_workers(), help="data loader processes (see train.py --help)")
@@ -45,27 +50,74 @@ def report(metrics: dict, names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def write_report(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
+    """confusion.csv (counts, rows = truth), confusion.png (row-normalised heatmap), per_class.csv."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = metrics["confusion"].numpy()
+    frame = pd.DataFrame(counts, index=pd.Index(names, name="truth \\ predicted"), columns=list(names))
+    utils.atomic_write(folder / "confusion.csv", lambda tmp: frame.to_csv(tmp))
+    per_class = pd.DataFrame({"IoU": metrics["iou"], "accuracy": metrics["class_accuracy"],
+                              "pixels": counts.sum(1)}, index=pd.Index(names, name="class"))
+    utils.atomic_write(folder / "per_class.csv", lambda tmp: per_class.to_csv(tmp))
+    plot_confusion(counts, names, folder / "confusion.png")
+
+
+def plot_confusion(counts: np.ndarray, names: tuple[str, ...], path: Path) -> None:
+    """Heatmap of each truth row as fractions of its pixels, the fraction printed in every cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 2 + 0.45 * len(names)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(names)), names, rotation=90)
+    axis.set_yticks(range(len(names)), names)
+    axis.set(xlabel="predicted", ylabel="truth", title="confusion (each row sums to 1)")
+    for (row, col), value in np.ndenumerate(rows):
+        axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                  color="white" if value > 0.5 else "black")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace, images: int) -> dict:
+    """What --json writes: the metrics, the confusion matrix and how they were made."""
+    return {"pixel_accuracy": metrics["pixel_accuracy"], "mean_pixel_accuracy": metrics["mean_pixel_accuracy"],
+            "miou": metrics["miou"], "fwiou": metrics["fwiou"], "iou": dict(zip(names, metrics["iou"])),
+            "class_accuracy": dict(zip(names, metrics["class_accuracy"])), "split": args.split,
+            "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
+            "tta": inference.parse_tta(args.tta).to_dict(), "scale": args.scale, "downscale": args.downscale,
+            "weights": str(args.weights)}
+
+
 def main(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive integers")
+    if args.downscale <= 0:
+        raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
+    tta = inference.parse_tta(args.tta)
     check_data_root(args.data_root)
     table = ClassTable.from_csv(resolve_class_dict(args.data_root, args.class_dict))
     device = utils.resolve_device(args.device)
-    model = utils.model_from_checkpoint(utils.load_checkpoint(args.weights), table, args.weights).to(device)
-    dataset = CamVidDataset(args.data_root, args.split, table, eval_transform(cfg.CROP_SIZE if args.crop else None),
-                            args.limit, label_cache=label_cache_from_args(args))
+    model = inference.load_model(args.weights, table, device)
+    transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
+    dataset = CamVidDataset(args.data_root, args.split, table, transform, args.limit,
+                            label_cache=label_cache_from_args(args))
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    loop = Loop(device, utils.amp_dtype(device, args.amp), channels_last=args.channels_last)
-    if loop.channels_last:
-        model.to(memory_format=torch.channels_last)
-    metrics = evaluate(model, loader, table.num_classes, loop)
-    print(f"{args.split}: {len(dataset)} images, {'352x480 centre crop' if args.crop else 'full resolution'}")
+    metrics = inference.evaluate(model, loader, table.num_classes, device, utils.amp_dtype(device, args.amp),
+                                 args.channels_last, tta, args.scale, progress=True)
+    print(f"{args.split}: {len(dataset)} images, {'352x480 centre crop' if args.crop else 'full resolution'}"
+          + (f" shrunk {args.downscale:g}x" if args.downscale != 1 else "")
+          + (f", TTA {args.tta}" if tta.enabled else "") + (f", scale {args.scale:g}" if args.scale != 1 else ""))
     print(report(metrics, table.names))
+    if args.report:
+        write_report(args.report, metrics, table.names)
     if args.json:
-        result = {"pixel_accuracy": metrics["pixel_accuracy"], "mean_pixel_accuracy": metrics["mean_pixel_accuracy"],
-                  "miou": metrics["miou"], "fwiou": metrics["fwiou"], "iou": dict(zip(table.names, metrics["iou"])),
-                  "class_accuracy": dict(zip(table.names, metrics["class_accuracy"])), "split": args.split,
-                  "images": len(dataset), "weights": str(args.weights)}
+        result = json_result(metrics, table.names, args, len(dataset))
         utils.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return metrics
 

@@ -1,6 +1,8 @@
-"""End to end on a tiny CamVid folder: train, resume, test --json, predict, checkpoints and bad input."""
+"""End to end on a tiny CamVid folder: train, resume, test --json/--report, predict, checkpoints and bad input
+(in-process, one subprocess test for the exit path)."""
 import csv
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -8,10 +10,14 @@ import torch
 from PIL import Image
 
 import cfg
+import predict
+import test as test_script
+import train
 import utils
+from cfg import UserError
 from conftest import SMALL_TRAIN, run_cli
-from dataset import ClassTable, MaskEncoder, find_pairs, read_image
-from evalution_segmentaion import ConfusionMatrix
+from dataset import ClassTable, MaskEncoder, find_pairs
+from evalution_segmentaion import ConfusionMatrix, metrics_from_confusion
 from fcn import FCN, FCNConfig
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
@@ -40,93 +46,138 @@ def test_resume_when_already_done_says_so(trained_run, camvid):
     assert "already has 2 epochs" in result.stdout
 
 
-def test_test_json_matches_miou_from_predicted_masks(trained_run, camvid, tmp_path):
+def test_test_json_and_report_match_predicted_masks(trained_run, camvid, tmp_path):
     weights = str(trained_run / "best.pth")
-    report = tmp_path / "metrics.json"
-    printed = run_cli("test.py", "--data-root", str(camvid), "--weights", weights, "--json", str(report),
-                      "--workers", "0").stdout
-    metrics = json.loads(report.read_text())
+    result, report = tmp_path / "metrics.json", tmp_path / "report"
+    printed = run_cli("test.py", "--data-root", str(camvid), "--weights", weights, "--json", str(result),
+                      "--report", str(report), "--workers", "2", "--batch-size", "2").stdout
+    metrics = json.loads(result.read_text())
     assert {"pixel_accuracy", "mean_pixel_accuracy", "miou", "fwiou", "iou"} <= set(metrics)
-    assert list(metrics["iou"]) == list(TABLE.names)
+    assert list(metrics["iou"]) == list(TABLE.names) and metrics["tta"] is None
     assert f"MIoU  {metrics['miou']:.4f}" in printed and "Bicyclist" in printed
-    # Independently: predict.py's colour masks, decoded and scored against the truth.
+    confusion = np.array(metrics["confusion"])
+    assert confusion.shape == (11, 11) and confusion.sum() == metrics["pixels"]
+    assert metrics["miou"] == pytest.approx(metrics_from_confusion(torch.tensor(confusion))["miou"], abs=1e-12)
+    with open(report / "confusion.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == list(TABLE.names) and [row[0] for row in rows[1:]] == list(TABLE.names)
+    assert np.array([row[1:] for row in rows[1:]], dtype=np.int64).tolist() == metrics["confusion"]
+    with open(report / "per_class.csv") as handle:
+        per_class = {row["class"]: row for row in csv.DictReader(handle)}
+    assert int(per_class["Sky"]["pixels"]) == confusion[0].sum()
+    assert Image.open(report / "confusion.png").size[0] > 300
+    # Independently: predict.py's colour masks (workers, batches of 2), decoded and scored against the truth.
     masks = tmp_path / "masks"
-    run_cli("predict.py", "--weights", weights, "--input", str(camvid / "test"), "--out", str(masks), "--overlay")
-    confusion = ConfusionMatrix(TABLE.num_classes)
+    run_cli("predict.py", "--weights", weights, "--input", str(camvid / "test"), "--out", str(masks), "--overlay",
+            "--workers", "2", "--batch-size", "2")
+    scored = ConfusionMatrix(TABLE.num_classes)
     encoder = MaskEncoder(TABLE)
     for stem, _, truth_path in find_pairs(camvid, "test"):
         predicted = encoder(np.asarray(Image.open(masks / f"{stem}.png").convert("RGB")))
         truth = encoder(np.asarray(Image.open(truth_path).convert("RGB")))
-        confusion.update(torch.from_numpy(predicted), torch.from_numpy(truth))
+        scored.update(torch.from_numpy(predicted), torch.from_numpy(truth))
         assert (masks / f"{stem}_overlay.png").is_file()
-    assert confusion.compute()["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+    assert scored.matrix.tolist() == metrics["confusion"]
 
 
-def test_predict_any_size_greyscale_rgba_and_skips_non_images(trained_run, tmp_path):
+def test_predict_any_size_greyscale_rgba_and_skips_non_images(trained_run, tmp_path, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.new("L", (50, 37), 90).save(inputs / "grey.png")
     Image.new("RGBA", (41, 33), (1, 2, 3, 200)).save(inputs / "rgba.png")
+    (inputs / "broken.png").write_bytes(b"not a png")
     (inputs / "notes.txt").write_text("not an image")
-    result = run_cli("predict.py", "--weights", str(trained_run / "last.pth"), "--input", str(inputs),
-                     "--out", str(tmp_path / "out"))
-    assert "skipped" in result.stderr and "notes.txt" in result.stderr
+    assert run_predict(["--weights", str(trained_run / "last.pth"), "--input", str(inputs),
+                        "--out", str(tmp_path / "out"), "--workers", "2"]) == 2
+    stderr = capsys.readouterr().err
+    assert "skipped" in stderr and "notes.txt" in stderr and "broken.png: not a readable image" in stderr
     assert Image.open(tmp_path / "out" / "grey.png").size == (50, 37)
     colours = set(map(tuple, np.asarray(Image.open(tmp_path / "out" / "rgba.png")).reshape(-1, 3).tolist()))
     assert colours <= set(map(tuple, TABLE.colors.tolist()))
-
-
-def test_predict_nothing_readable_exits_non_zero(trained_run, tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    result = run_cli("predict.py", "--weights", str(trained_run / "last.pth"), "--input", str(tmp_path / "a.txt"),
-                     "--out", str(tmp_path / "out"), check=False)
-    assert result.returncode != 0 and "none of the 1 file(s)" in result.stderr
+    with pytest.raises(UserError, match="none of the 1 file"):
+        run_predict(["--weights", str(trained_run / "last.pth"), "--input", str(tmp_path / "a.txt"),
+                     "--out", str(tmp_path / "out2")])
 
 
-def one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+@pytest.fixture
+def keep_signal_handlers():
+    """train.fit installs SIGINT/SIGTERM handlers; put pytest's back after an in-process run."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
-def test_bad_inputs_give_one_clear_line(trained_run, camvid, tmp_path):
-    one_line_error(run_cli("train.py", "--data-root", str(tmp_path / "nope"), check=False), "--data-root", "not found")
-    one_line_error(run_cli("test.py", "--data-root", str(camvid), "--weights", str(tmp_path / "x.pth"), check=False),
-                   "x.pth", "checkpoint not found")
-    one_line_error(run_cli("train.py", "--data-root", str(camvid), "--epochs", "0", check=False), "--epochs")
-    one_line_error(run_cli("train.py", "--data-root", str(camvid), "--out", str(tmp_path / "fresh"), "--resume",
-                           check=False), "last.pth", "not found")
+def raises_user_error(call, *argv: str) -> str:
+    with pytest.raises(UserError) as error:
+        call(list(argv))
+    return str(error.value)
+
+
+def run_train(argv):
+    train.main(train.parse_args(argv))
+
+
+def run_test(argv):
+    test_script.main(test_script.get_args_parser().parse_args(argv))
+
+
+def run_predict(argv):
+    return predict.main(predict.get_args_parser().parse_args(argv))
+
+
+def test_bad_inputs_raise_one_clear_message(trained_run, camvid, tmp_path, keep_signal_handlers):
+    assert "--data-root" in raises_user_error(run_train, "--data-root", str(tmp_path / "nope"))
+    assert "checkpoint not found" in raises_user_error(run_test, "--data-root", str(camvid),
+                                                       "--weights", str(tmp_path / "x.pth"))
+    assert "--epochs" in raises_user_error(run_train, "--data-root", str(camvid), "--epochs", "0")
+    assert "last.pth: checkpoint not found" in raises_user_error(
+        run_train, "--data-root", str(camvid), "--out", str(tmp_path / "fresh"), "--resume", "--device", "cpu")
     if not torch.cuda.is_available():
-        one_line_error(run_cli("test.py", "--data-root", str(camvid), "--weights", str(trained_run / "last.pth"),
-                               "--device", "cuda", check=False), "--device cuda")
+        assert "--device cuda" in raises_user_error(run_test, "--data-root", str(camvid), "--weights",
+                                                    str(trained_run / "last.pth"), "--device", "cuda")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
-    one_line_error(run_cli("predict.py", "--weights", str(garbage), "--input", str(camvid / "test"),
-                           "--out", str(tmp_path / "o"), check=False), "garbage.pth", "not a readable checkpoint")
-
-
-def test_checkpoint_of_another_class_count(camvid, tmp_path):
+    assert "garbage.pth: not a readable checkpoint" in raises_user_error(
+        run_predict, "--weights", str(garbage), "--input", str(camvid / "test"), "--out", str(tmp_path / "o"))
     model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=5, fc_width=8))
-    path = tmp_path / "five.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
-    one_line_error(run_cli("test.py", "--data-root", str(camvid), "--weights", str(path), check=False),
-                   "5 classes", "11")
+    five = tmp_path / "five.pth"
+    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)
+    assert "predicts 5 classes but the class table has 11" in raises_user_error(
+        run_test, "--data-root", str(camvid), "--weights", str(five))
+    assert "--tta" in raises_user_error(run_test, "--data-root", str(camvid), "--weights", str(five), "--tta", "x")
 
 
-def test_unknown_label_colour_stops_training(tmp_path):
+def camvid_with_unknown_colour(root):
     from conftest import write_camvid
-    root = write_camvid(tmp_path / "CamVid", {"train": 2, "val": 1})
-    mask_path = root / "train_labels" / "train_001_L.png"
-    mask = np.asarray(Image.open(mask_path)).copy()
-    mask[:2, :2] = (7, 7, 7)
-    Image.fromarray(mask).save(mask_path)
-    result = run_cli("train.py", "--data-root", str(root), "--out", str(tmp_path / "run"), *SMALL_TRAIN,
-                     "--epochs", "1", check=False)
-    assert result.returncode != 0
-    assert "train_001_L.png: colour (7, 7, 7) on 4 pixels not in class_dict.csv" in result.stderr
+    root = write_camvid(root, {"train": 2, "val": 1, "test": 2})
+    for split in ("train", "test"):
+        mask_path = root / f"{split}_labels" / f"{split}_001_L.png"
+        mask = np.asarray(Image.open(mask_path)).copy()
+        mask[:2, :2] = (7, 7, 7)
+        Image.fromarray(mask).save(mask_path)
+    return root
+
+
+def test_unknown_label_colour_in_a_worker_stops_training(tmp_path, keep_signal_handlers):
+    root = camvid_with_unknown_colour(tmp_path / "CamVid")
+    message = raises_user_error(run_train, "--data-root", str(root), "--out", str(tmp_path / "run"), *SMALL_TRAIN,
+                                "--epochs", "1", "--workers", "2", "--no-label-cache")
+    assert message == f"{root / 'train_labels' / 'train_001_L.png'}: colour (7, 7, 7) on 4 pixels not in class_dict.csv"
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_worker_error_exits_with_one_line(trained_run, tmp_path):
+    """The exit path as users see it (test_inference checks the message equals the --workers 0 one)."""
+    root = camvid_with_unknown_colour(tmp_path / "CamVid")
+    result = run_cli("test.py", "--data-root", str(root), "--weights", str(trained_run / "last.pth"),
+                     "--workers", "2", "--batch-size", "2", "--no-label-cache", check=False)
+    assert result.returncode == 2, result.stderr
+    mask = root / "test_labels" / "test_001_L.png"
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # beside the tqdm bar
+    assert errors == [f"error: {mask}: colour (7, 7, 7) on 4 pixels not in class_dict.csv"], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):
@@ -146,12 +197,11 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
         utils.atomic_write(path, crash)
     assert utils.load_checkpoint(path)["epoch"] == 3  # the old file survived intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
-    assert read_image  # imported for the module's public API check below
 
 
 def test_scripts_import_without_side_effects():
     import importlib
-    for name in ("train", "test", "predict", "dataset", "fcn", "evalution_segmentaion", "cfg"):
+    for name in ("train", "test", "predict", "inference", "dataset", "fcn", "evalution_segmentaion", "cfg"):
         module = importlib.import_module(name)
         if hasattr(module, "get_args_parser"):
             assert module.get_args_parser().prog

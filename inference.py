@@ -1,0 +1,154 @@
+"""The one inference path of the project: load a model, run batches (AMP, channels-last, --scale, TTA),
+evaluate a split. Used by test.py and predict.py so evaluation and prediction never disagree."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import cfg
+import utils
+from cfg import UserError
+from dataset import ClassTable, normalize_batch
+from evalution_segmentaion import ConfusionMatrix
+
+
+def load_model(weights: str | Path, table: ClassTable, device: torch.device) -> nn.Module:
+    """A .pth checkpoint or an exported .onnx model, on the device, in eval mode."""
+    if Path(weights).suffix.lower() == ".onnx":
+        import onnx_backend  # onnxruntime is an optional install (requirements-export.txt)
+        return onnx_backend.load_onnx(weights, table, device)
+    model = utils.model_from_checkpoint(utils.load_checkpoint(weights), table, weights)
+    return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: softmax averaged over horizontal flips (optional) and image scales."""
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.scales != (1.0,)
+
+    def to_dict(self) -> dict | None:
+        return {"flip": self.flip, "scales": list(self.scales)} if self.enabled else None
+
+
+def parse_tta(text: str | None) -> TTA:
+    """'flip', '0.75,1,1.25', 'flip,0.75,1,1.25' or None/'none' -> TTA."""
+    if text is None or text == "none":
+        return TTA()
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    scales = []
+    for part in parts:
+        if part == "flip":
+            continue
+        try:
+            scales.append(float(part))
+        except ValueError:
+            raise UserError(f"--tta {text}: expected 'flip' and/or scales, e.g. flip,0.75,1,1.25") from None
+        if not 0 < scales[-1] <= 8:
+            raise UserError(f"--tta {text}: a scale must be in (0, 8]")
+    return TTA("flip" in parts, tuple(scales) or (1.0,))
+
+
+@dataclass
+class Runner:
+    """How batches go through the model: device, AMP dtype, memory format, fixed --scale and TTA."""
+
+    model: nn.Module
+    device: torch.device
+    amp: torch.dtype | None = None
+    channels_last: bool = True
+    scale: float = 1.0
+    tta: TTA = field(default_factory=TTA)
+
+    def __post_init__(self) -> None:
+        if getattr(self.model, "is_onnx", False):  # onnxruntime runs its own kernels in its own layout
+            self.amp, self.channels_last = None, False
+        elif self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if not 0 < self.scale <= 8:
+            raise UserError(f"--scale {self.scale}: expected a factor in (0, 8]")
+
+    def fits(self, height: int, width: int) -> bool:
+        """Whether an image of this size is at least the model's minimum at every scale it is run at."""
+        smallest = min(height, width) * self.scale * min(self.tta.scales)
+        return round(smallest) >= cfg.MIN_INPUT_SIDE
+
+    def forward(self, images: torch.Tensor, factor: float) -> torch.Tensor:
+        """Normalised N×3×H×W -> float logits at H×W, the model run at factor × the size."""
+        size = images.shape[-2:]
+        if factor != 1.0:
+            scaled = [round(side * factor) for side in size]
+            if min(scaled) < cfg.MIN_INPUT_SIDE:
+                raise UserError(f"--scale/--tta: {size[1]}x{size[0]} scaled by {factor:g} is smaller than "
+                                f"{cfg.MIN_INPUT_SIDE}x{cfg.MIN_INPUT_SIDE}")
+            images = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False, antialias=factor < 1)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with utils.autocast(self.device, self.amp):
+            logits = self.model(images)
+        logits = logits.float()
+        if factor != 1.0:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    @torch.inference_mode()
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×3×H×W (any device) -> N×C×H×W class scores on the device: logits without TTA,
+        else the mean softmax over the TTA views (argmax of either is the prediction)."""
+        images = normalize_batch(images.to(self.device, non_blocking=True))
+        if not self.tta.enabled:
+            return self.forward(images, self.scale)
+        total = None
+        for factor in self.tta.scales:
+            # Separate forwards for the flipped view (not one 2N batch), so a mirrored input takes exactly
+            # the same arithmetic path and its prediction is exactly the mirrored prediction.
+            views = [self.forward(images, self.scale * factor).softmax(1)]
+            if self.tta.flip:
+                views.append(self.forward(images.flip(-1), self.scale * factor).softmax(1).flip(-1))
+            for probabilities in views:
+                total = probabilities if total is None else total + probabilities
+        return total / (len(self.tta.scales) * (2 if self.tta.flip else 1))
+
+    def labels(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×3×H×W -> N×H×W uint8 class indices on the device."""
+        return self.scores(images).argmax(1).to(torch.uint8)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp: torch.dtype | None = None,
+             channels_last: bool = True, tta: TTA | None = None, scale: float = 1.0,
+             progress: bool = False) -> dict:
+    """Metrics from one confusion matrix over the whole split (summed over processes under torchrun), plus
+    the mean per-pixel loss, the matrix itself ("confusion", C×C int64, rows = truth) and "pixels"."""
+    model.eval()
+    runner = Runner(model, device, amp, channels_last, scale, tta or TTA())
+    confusion = ConfusionMatrix(num_classes, device)
+    loss_sum = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, labelled pixels
+    for images, labels in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+        labels = labels.to(device, non_blocking=True).long()
+        scores = runner.scores(images)
+        if runner.tta.enabled:  # scores are probabilities: the loss of their mean
+            loss = F.nll_loss(scores.clamp(min=1e-12).log(), labels, ignore_index=cfg.IGNORE_INDEX, reduction="sum")
+        else:
+            loss = F.cross_entropy(scores, labels, ignore_index=cfg.IGNORE_INDEX, reduction="sum")
+        loss_sum[0] += loss
+        loss_sum[1] += (labels != cfg.IGNORE_INDEX).sum()
+        confusion.update(scores.argmax(1), labels)
+    confusion.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss_sum)
+    metrics = confusion.compute()
+    metrics["loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
+    metrics["confusion"] = confusion.matrix.cpu()
+    metrics["pixels"] = int(metrics["confusion"].sum())
+    return metrics

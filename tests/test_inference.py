@@ -1,0 +1,172 @@
+"""inference.py: the one forward path (--scale, TTA), evaluate() over a split, model loading, and
+DataLoader-worker errors reaching the user as their own one line."""
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import cfg
+import inference
+import test as test_script
+from cfg import UserError
+from conftest import write_camvid
+from dataset import CamVidDataset, ClassTable, normalize_batch
+from fcn import FCN, FCNConfig
+from transforms import eval_transform
+import utils
+
+TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+
+
+@pytest.fixture(scope="module")
+def model() -> FCN:
+    """A narrow FCN-8s with random (non-zero) weights, so predictions vary across pixels."""
+    torch.manual_seed(0)
+    network = FCN(FCNConfig("fcn8s", "vgg16", num_classes=TABLE.num_classes, fc_width=16))
+    for parameter in network.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random.pth"
+    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    return path
+
+
+def images(seed: int = 0, size=(64, 96), count: int = 2) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, *size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def runner(model, **kwargs) -> inference.Runner:
+    return inference.Runner(model, torch.device("cpu"), channels_last=False, **kwargs)
+
+
+def test_parse_tta():
+    assert inference.parse_tta(None) == inference.TTA() and not inference.TTA().enabled
+    assert inference.parse_tta("flip") == inference.TTA(True, (1.0,))
+    assert inference.parse_tta("flip,0.75,1,1.25") == inference.TTA(True, (0.75, 1.0, 1.25))
+    assert inference.parse_tta("0.5,1").to_dict() == {"flip": False, "scales": [0.5, 1.0]}
+    for bad in ("mirror", "flip,0", "flip,-1"):
+        with pytest.raises(UserError, match="--tta"):
+            inference.parse_tta(bad)
+
+
+def test_flip_tta_prediction_of_a_mirrored_image_is_the_mirrored_prediction(model):
+    batch = images(1)
+    flip = runner(model, tta=inference.TTA(flip=True))
+    assert torch.equal(flip.labels(batch.flip(-1)), flip.labels(batch).flip(-1))
+    assert not torch.equal(runner(model).labels(batch.flip(-1)), runner(model).labels(batch).flip(-1))
+
+
+def test_scale_one_is_the_plain_forward_and_other_scales_keep_the_size(model):
+    batch = images(2)
+    with torch.inference_mode():
+        plain = model(normalize_batch(batch))
+    assert torch.equal(runner(model, scale=1.0).scores(batch), plain)
+    for factor in (0.5, 1.5):
+        assert runner(model, scale=factor).scores(batch).shape == plain.shape
+    assert runner(model, scale=0.5).fits(64, 96) and not runner(model, scale=0.25).fits(64, 96)
+    with pytest.raises(UserError, match="smaller than 32x32"):
+        runner(model, scale=0.25).scores(batch)
+
+
+def test_multi_scale_tta_is_the_mean_softmax_of_the_scales(model):
+    batch = images(3)
+    mean = runner(model, tta=inference.TTA(False, (0.5, 1.0))).scores(batch)
+    expected = (runner(model, scale=0.5).scores(batch).softmax(1) + runner(model).scores(batch).softmax(1)) / 2
+    torch.testing.assert_close(mean, expected)
+
+
+def test_evaluate_counts_every_labelled_pixel_once_whatever_the_batch(model, tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"val": 3}, seed=4)
+    dataset = CamVidDataset(root, "val", TABLE, eval_transform(None))
+    one = inference.evaluate(model, DataLoader(dataset, 1), TABLE.num_classes, torch.device("cpu"))
+    three = inference.evaluate(model, DataLoader(dataset, 3, num_workers=2), TABLE.num_classes, torch.device("cpu"),
+                               tta=inference.TTA())
+    assert torch.equal(one["confusion"], three["confusion"]) and one["miou"] == three["miou"]
+    labels = torch.stack([dataset[i][1] for i in range(3)])
+    assert one["pixels"] == int((labels != cfg.IGNORE_INDEX).sum()) == int(one["confusion"].sum())
+    predicted = runner(model).labels(torch.stack([dataset[i][0] for i in range(3)]))
+    assert torch.equal(one["confusion"].diag().sum(), ((predicted == labels) & (labels != cfg.IGNORE_INDEX)).sum())
+    assert {"pixel_accuracy", "mean_pixel_accuracy", "miou", "fwiou", "iou", "class_accuracy", "loss"} <= set(one)
+    # train.evaluate (to be replaced by this one) gives the same metrics and loss.
+    from train import Loop, evaluate
+    trained = evaluate(model, DataLoader(dataset, 3), TABLE.num_classes, Loop(torch.device("cpu"), None, False))
+    assert trained["miou"] == one["miou"] and trained["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_test_py_json_records_the_tta(weights, tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"test": 1}, seed=6)
+    args = test_script.get_args_parser().parse_args(
+        ["--data-root", str(root), "--weights", str(weights), "--workers", "0", "--tta", "flip",
+         "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    metrics = test_script.main(args)
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["tta"] == {"flip": True, "scales": [1.0]} and result["miou"] == metrics["miou"]
+
+
+def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or "onnx model")
+    monkeypatch.setitem(sys.modules, "onnx_backend", fake)
+    assert inference.load_model("model.onnx", TABLE, torch.device("cpu")) == "onnx model"
+    assert calls == [("model.onnx", TABLE, torch.device("cpu"))]
+    loaded = inference.load_model(weights, TABLE, torch.device("cpu"))
+    assert isinstance(loaded, FCN) and not loaded.training
+
+
+class FakeOnnx:
+    """Stands in for onnx_backend.OnnxModel: records what it is fed, returns zero logits."""
+
+    is_onnx, num_classes = True, TABLE.num_classes
+
+    def __init__(self):
+        self.inputs = []
+
+    def eval(self):
+        return self
+
+    def __call__(self, images):
+        self.inputs.append((images, torch.is_autocast_enabled("cpu")))
+        return torch.zeros(len(images), self.num_classes, *images.shape[-2:])
+
+
+def test_onnx_models_get_plain_float32_nchw_without_autocast():
+    fake = FakeOnnx()
+    onnx_runner = inference.Runner(fake, torch.device("cpu"), amp=torch.bfloat16, channels_last=True)
+    assert onnx_runner.labels(images(7, count=1)).shape == (1, 64, 96)
+    fed, autocast = fake.inputs[0]
+    assert fed.dtype == torch.float32 and fed.is_contiguous() and not autocast
+    torch.testing.assert_close(fed, normalize_batch(images(7, count=1)))
+
+
+def test_user_error_from_a_dataloader_worker_keeps_its_own_message():
+    wrapped = ("Caught UserError in DataLoader worker process 3.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    raise UserError("a: b")\ncfg.UserError: m_L.png: colour (7, 7, 7)\n')
+    assert str(UserError(wrapped)) == "m_L.png: colour (7, 7, 7)"
+    assert str(UserError("Caught nothing: plain")) == "Caught nothing: plain"
+
+
+def test_worker_error_in_test_py_is_the_same_line_as_without_workers(weights, tmp_path):
+    root = write_camvid(tmp_path / "CamVid", {"test": 2}, seed=5)
+    mask_path = root / "test_labels" / "test_001_L.png"
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[:2, :2] = (7, 7, 7)
+    Image.fromarray(mask).save(mask_path)
+    messages = []
+    for workers in ("0", "2"):
+        args = test_script.get_args_parser().parse_args(
+            ["--data-root", str(root), "--weights", str(weights), "--workers", workers, "--batch-size", "2",
+             "--no-label-cache", "--device", "cpu"])
+        with pytest.raises(UserError) as error:
+            test_script.main(args)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    assert messages[0] == f"{mask_path}: colour (7, 7, 7) on 4 pixels not in class_dict.csv"
