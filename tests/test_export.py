@@ -210,3 +210,16 @@ def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, t
                 "--workers", "0", "--json", str(tmp_path / f"{name}.json"))
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert abs(metrics["onnx"]["pixel_accuracy"] - metrics["pth"]["pixel_accuracy"]) <= 0.001
+
+
+def test_bench_onnx_times_ort_beside_eager_and_fast(capsys):
+    import bench
+    modes = {"eager": bench.Mode("eager"), "fast": bench.Mode("fast", channels_last=True)}
+    result = bench.bench_onnx(bench.PLANS["quick"], modes, CPU, TABLE, "torchscript")
+    for key in ("infer_onnx_img_s", "infer_onnx_latency_ms", "onnx_block_eager_img_s", "onnx_block_fast_img_s",
+                "onnx_block_eager_latency_ms", "onnx_block_fast_latency_ms"):
+        assert result[key] > 0, key
+    assert result["onnx_speedup"] == pytest.approx(result["infer_onnx_img_s"] / result["onnx_block_eager_img_s"])
+    assert capsys.readouterr().out.startswith("onnx: onnxruntime ")
+    assert bench.bench_onnx(bench.PLANS["quick"], modes, torch.device("cuda"), TABLE) == {
+        "onnx_skipped": "ONNX Runtime is measured with --device cpu"}
