@@ -44,8 +44,7 @@ class OnnxModel:
         height, width = images.shape[-2:]
         if min(height, width) < cfg.MIN_INPUT_SIDE:  # the same guard as fcn.FCN.forward
             raise ValueError(f"input {height}x{width} is smaller than {cfg.MIN_INPUT_SIDE}x{cfg.MIN_INPUT_SIDE}")
-        # ORT reads a C-contiguous host array: a channels-last batch is copied back to NCHW here
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        array = images.detach().to("cpu", torch.float32).numpy()  # ORT copies a channels-last view itself
         logits = self.session.run([OUTPUT], {INPUT: array})[0]
         return torch.from_numpy(logits).to(images.device)
 
