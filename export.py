@@ -130,7 +130,12 @@ def check_parity(model: FCN, onnx_model: onnx_backend.OnnxModel, inputs: list[tu
     worst = 1.0
     for name, images in inputs:
         batch = normalize_batch(images)
-        expected, actual = model(batch), onnx_model(batch)
+        try:
+            actual = onnx_model(batch)
+        except onnx_backend.session_errors(onnx_backend.import_onnxruntime()) as exc:
+            raise UserError(f"parity check failed: ONNX Runtime cannot run {name} ({str(exc).splitlines()[0]}); "
+                            "nothing written") from exc
+        expected = model(batch)
         labels = expected.argmax(1)
         agreement = (labels == actual.argmax(1)).double().mean().item()
         worst = min(worst, agreement)
