@@ -16,7 +16,7 @@ from cfg import UserError
 from dataset import ClassTable, normalize_batch, read_image
 from fcn import FCN
 
-OPSET = 18  # the dynamo exporter's native opset (no version conversion); ORT >= 1.14 and TensorRT >= 8.6 run it
+OPSET = 18  # the dynamo exporter's native and lowest opset (no version conversion); ORT >= 1.14 runs it
 EXPORTERS = ("dynamo", "torchscript")
 PARITY_SIZES = (cfg.EVAL_SIZE, (100, 150))  # CamVid's own size, and one that is not a multiple of 32
 EXAMPLE_SHAPE = (2, 3, 72, 100)  # traced example: batch > 1 and H, W not multiples of 32, so nothing specialises
@@ -34,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--class-dict", default=str(cfg.DEFAULT_CLASS_DICT), help="class names and colours stored in the metadata")
     add("--exporter", default="dynamo", choices=EXPORTERS,
         help="torch.export-based exporter (default), or the legacy TorchScript tracer")
-    add("--opset", type=int, default=OPSET, help="ONNX opset")
+    add("--opset", type=int, default=OPSET, help="ONNX opset (below 18 only with --exporter torchscript)")
     add("--min-agreement", type=float, default=0.999,
         help="least fraction of pixels whose ONNX Runtime argmax must equal PyTorch's")
     add("--data-root", default=cfg.default_data_root(),
@@ -159,6 +159,9 @@ def main(args: argparse.Namespace) -> Path:
     """Returns the path written; the file appears only once parity has passed."""
     if not 0 < args.min_agreement <= 1:
         raise UserError(f"--min-agreement: expected a fraction in (0, 1], got {args.min_agreement}")
+    if args.exporter == "dynamo" and args.opset < OPSET:  # it would quietly write opset 18 instead
+        raise UserError(f"--opset {args.opset}: the dynamo exporter writes opset {OPSET} or newer; "
+                        "use --exporter torchscript for an older one")
     out = args.out or args.weights.with_suffix(".onnx")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} not found")
