@@ -163,8 +163,8 @@ def main(args: argparse.Namespace) -> Path:
         raise UserError(f"--opset {args.opset}: the dynamo exporter writes opset {OPSET} or newer; "
                         "use --exporter torchscript for an older one")
     out = args.out or args.weights.with_suffix(".onnx")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} not found")
+    if not out.parent.is_dir() or out.is_dir():
+        raise UserError(f"--out {out}: expected a file name in an existing folder")
     require_export_modules(args.exporter)
     state = utils.load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict)

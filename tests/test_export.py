@@ -202,7 +202,8 @@ def test_export_bad_inputs(tmp_path):
     renamed = tmp_path / "class_dict.csv"
     renamed.write_text(cfg.DEFAULT_CLASS_DICT.read_text().replace("Sky", "Heaven"))
     for flags, message in ((["--min-agreement", "1.5"], "--min-agreement: expected a fraction in (0, 1], got 1.5"),
-                           (["--out", str(tmp_path / "no" / "x.onnx")], "folder"),
+                           (["--out", str(tmp_path / "no" / "x.onnx")], "expected a file name in an existing folder"),
+                           (["--out", str(tmp_path)], "expected a file name in an existing folder"),
                            (["--opset", "17"], "--opset 17: the dynamo exporter writes opset 18 or newer"),
                            (["--class-dict", str(renamed)], "differ from the checkpoint's")):
         with pytest.raises(UserError, match=re.escape(message)):
