@@ -97,8 +97,8 @@ def test_onnx_model_matches_pytorch_at_any_size(exported, shape):
     weights, path, _ = exported
     model = utils.model_from_checkpoint(utils.load_checkpoint(weights), TABLE, weights).eval()
     onnx_model = onnx_backend.load_onnx(path, TABLE, CPU)
-    images = normalize_batch(torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
-                             channels_last=True)  # as predict.py hands it over
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = normalize_batch(pixels, channels_last=True)  # as predict.py hands it over
     with torch.inference_mode():
         expected, actual = model(images), onnx_model(images)
     assert actual.shape == (shape[0], TABLE.num_classes, *shape[2:]) and actual.dtype == torch.float32
