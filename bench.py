@@ -127,6 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--fc-width", type=int, help="fc6/fc7 channels (default: 4096 on CUDA, 1024 on CPU)")
     add("--steps", type=int, help="timed calls per block")
     add("--repeats", type=int, help="timed blocks per mode (medians are reported)")
+    add("--onnx", action=argparse.BooleanOptionalAction, default=True,
+        help="also ONNX Runtime CPU inference beside eager and fast (needs requirements-export.txt)")
     return parser
 
 
@@ -547,11 +549,57 @@ def main(args: argparse.Namespace) -> dict:
     result["workers_needed"] = workers_needed(result["train_fast_img_s"], result["data_recipe_img_s"]) if cuda else None
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
     result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
+    if args.onnx:
+        result.update(bench_onnx(plan, modes, device, table, "torchscript" if args.quick else "dynamo"))
     print_report(result)
     line = json.dumps(result)
     if args.json:
         args.json.write_text(line + "\n")
     print(line)
+    return result
+
+
+# ---------------------------------------------------------------- ONNX Runtime (export.py's graph)
+
+def bench_onnx(plan: Plan, modes: dict[str, Mode], device: torch.device, table: ClassTable,
+               exporter: str = "dynamo") -> dict:
+    """ONNX Runtime CPU inference of the bench's FCN-8s, exported as export.py does, timed in alternating
+    blocks with eager fp32 and the fast path (measure_infer): throughput and batch-1 latency. (--quick
+    exports with the legacy tracer: about 1 s instead of about 10.)"""
+    import tempfile  # here, with export/onnx_backend: the rest of bench.py runs without the ONNX packages
+
+    import export
+    import onnx_backend
+    try:
+        if device.type != "cpu":
+            raise UserError("ONNX Runtime is measured with --device cpu")
+        export.require_export_modules(exporter)
+    except UserError as error:
+        print(f"onnx: skipped ({error})")
+        return {"onnx_skipped": str(error)}
+    torch.manual_seed(0)
+    base = FCN(model_config(plan, table.num_classes)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bench.onnx"
+        export.export_graph(base, path, exporter, export.OPSET)
+        export.annotate(path, base, table, path, exporter)
+        models = {"eager": prepare(copy.deepcopy(base), modes["eager"], device),
+                  "fast": prepare(copy.deepcopy(base), modes["fast"], device),
+                  "onnx": onnx_backend.load_onnx(path, table, device)}
+        timing = measure_infer(models, {**modes, "onnx": Mode("onnx")}, plan, device, table.num_classes)
+    result = {key: value for key, value in timing.items() if key.startswith("infer_onnx_")}
+    result.update({f"onnx_block_{key[len('infer_'):]}": value for key, value in timing.items()
+                   if key.startswith(("infer_eager_", "infer_fast_"))})
+    result["onnx_speedup"] = result["infer_onnx_img_s"] / result["onnx_block_eager_img_s"]
+    result["onnx_vs_fast"] = result["infer_onnx_img_s"] / result["onnx_block_fast_img_s"]
+    result["onnx_runtime"] = (f"onnxruntime {onnx_backend.import_onnxruntime().__version__} "
+                              f"{models['onnx'].providers[0]}, {torch.get_num_threads()} intra-op threads, "
+                              f"{exporter} export")
+    print(f"onnx: {result['onnx_runtime']}; inference {size(list(plan.infer_size))} batch {plan.infer_batch}: "
+          f"ORT {result['infer_onnx_img_s']:.2f} img/s, eager fp32 {result['onnx_block_eager_img_s']:.2f}, "
+          f"fast {result['onnx_block_fast_img_s']:.2f} (ORT/eager {result['onnx_speedup']:.2f}x, ORT/fast "
+          f"{result['onnx_vs_fast']:.2f}x); batch-1 latency ORT {result['infer_onnx_latency_ms']:.0f} ms, eager "
+          f"{result['onnx_block_eager_latency_ms']:.0f} ms, fast {result['onnx_block_fast_latency_ms']:.0f} ms")
     return result
 
 
