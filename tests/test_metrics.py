@@ -79,8 +79,8 @@ SPLIT = [([[0, 0], [1, V]], [[0, 1], [1, 2]]),
 
 
 def echo_loader(batch_size: int) -> torch.utils.data.DataLoader:
-    items = [(torch.tensor(pred, dtype=torch.uint8).expand(3, 2, 2).contiguous(), torch.tensor(truth, dtype=torch.uint8))
-             for truth, pred in SPLIT]
+    items = [(torch.tensor(pred, dtype=torch.uint8).expand(3, 2, 2).contiguous(),
+              torch.tensor(truth, dtype=torch.uint8)) for truth, pred in SPLIT]
     return torch.utils.data.DataLoader(items, batch_size)
 
 

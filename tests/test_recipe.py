@@ -1,6 +1,5 @@
 """Training-recipe pieces: recipe defaults, losses, class weights, schedules, staged initialisation, and every
 flag traced from the command line through train.setup() to what the run does."""
-import copy
 
 import pytest
 import torch

@@ -100,13 +100,29 @@ MUTANTS = [
            "    for layer in model.modules():\n"
            "        if isinstance(layer, nn.ConvTranspose2d):\n"
            "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
+    Mutant("recipe-key-misspelt", "train.py", "warmup_epochs=5,", "warmup_epoch=5,", RECIPE),
+    Mutant("scale-flag-dropped", "transforms.py", "        steps.append(RandomScale(*scale))\n", "        pass\n",
+           DATA + RECIPE),
+    Mutant("cache-flag-ignored", "train.py", "    if args.cache:\n", "    if False:\n", RECIPE),
+    Mutant("class-weights-not-in-loss", "train.py", 'run["loss_fn"] = SegmentationLoss(weight, args.ohem)',
+           'run["loss_fn"] = SegmentationLoss(None, args.ohem)', RECIPE),
+    # model initialisation
+    Mutant("bilinear-kernel-off-centre", "fcn.py", "center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5",
+           "center = factor - 1", ("tests/test_model.py",)),
+    Mutant("upsampler-not-bilinear", "fcn.py",
+           "        layer.weight.copy_(bilinear_kernel(channels, channels, 2 * stride))\n", "        pass\n",
+           ("tests/test_model.py",)),
+    Mutant("scores-not-zero", "fcn.py", "    nn.init.zeros_(layer.weight)\n", "", RECIPE),
     # resume and ranks
+    Mutant("val-shards-padded", "dataset.py", "self.indices = list(range(rank, length, num_replicas))",
+           "self.indices = list(range(rank, length + length % num_replicas, num_replicas))",
+           ("tests/test_distributed.py", "-k", "shards")),
     Mutant("resume-forgets-schedule", "train.py", '    run["scheduler"].load_state_dict(state["scheduler"])\n', "",
            RESUME),
     Mutant("resume-forgets-optimizer", "train.py", '    run["optimizer"].load_state_dict(state["optimizer"])\n', "",
            RESUME),
     Mutant("bn-buffers-not-synced", "train.py", "            torch.distributed.broadcast(buffer, src=0)\n",
-           "            pass\n", ("tests/test_distributed.py", "-k", "vgg16_bn")),
+           "            pass\n", ("tests/test_distributed.py", "-k", "gloo")),
 ]
 
 
