@@ -110,7 +110,7 @@ def perturbed_checkpoint(path):
     return model.eval()
 
 
-def test_test_py_scores_the_whole_split_in_batches_of_one(camvid, tmp_path, monkeypatch):
+def test_test_py_scores_every_image_of_the_split(camvid, tmp_path, monkeypatch):
     import test
     from dataset import CamVidDataset, ClassTable, normalize_batch
     model = perturbed_checkpoint(tmp_path / "w.pth")
@@ -119,9 +119,9 @@ def test_test_py_scores_the_whole_split_in_batches_of_one(camvid, tmp_path, monk
     with torch.no_grad():
         for image, labels in CamVidDataset(camvid, "test", table):
             expected.update(model(normalize_batch(image[None]))[0].argmax(0), labels)
-    args = ["--data-root", str(camvid), "--weights", str(tmp_path / "w.pth"), "--batch-size", "1", "--workers", "0",
+    args = ["--data-root", str(camvid), "--weights", str(tmp_path / "w.pth"), "--batch-size", "2", "--workers", "0",
             "--device", "cpu", "--no-label-cache"]
-    shapes = []  # the batches test.py scores
+    shapes = []  # the batches test.py scores: 3 images in batches of 2, the last one short
     evaluate = test.evaluate
     monkeypatch.setattr(test, "evaluate", lambda m, loader, *a: shapes.extend(b[0].shape for b in loader)
                         or evaluate(m, loader, *a))
@@ -132,4 +132,4 @@ def test_test_py_scores_the_whole_split_in_batches_of_one(camvid, tmp_path, monk
     # --crop scores the centre crop: shrunk here to fit the 64x96 fixture
     monkeypatch.setattr(cfg, "CROP_SIZE", (32, 64))
     test.main(test.get_args_parser().parse_args(args + ["--crop"]))
-    assert shapes == [(1, 3, 64, 96)] * 3 + [(1, 3, 32, 64)] * 3
+    assert shapes == [(2, 3, 64, 96), (1, 3, 64, 96), (2, 3, 32, 64), (1, 3, 32, 64)]  # 3 images, 2 batches

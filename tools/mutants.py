@@ -5,8 +5,10 @@
 
 Each mutant replaces one exact snippet of one file in a temporary copy of the repository (the tracked and
 untracked-but-not-ignored files; the working tree is never touched) and runs its test files there with
-`pytest -x -q`. A failing test kills the mutant; a survivor is a promise no test checks. CPU-heavy (one
-pytest process per mutant, one thread each): run on demand, not in CI; pytest does not collect this file.
+`pytest -x -q`. A failing test kills the mutant; a survivor is a promise no test checks. First each test
+selection runs once on the unmutated copy (`--no-baseline` skips that): a kill only counts if it passes.
+CPU-heavy (one pytest process per mutant, one thread each): run on demand, not in CI; pytest does not
+collect this file.
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ MUTANTS = [
            '"miou": float(iou.nan_to_num().mean())', METRICS),
     Mutant("fwiou-predicted-frequency", "evalution_segmentaion.py", "frequency = truth_total / total",
            "frequency = predicted_total / total", METRICS),
+    Mutant("test-py-drops-last-batch", "test.py", "DataLoader(dataset, args.batch_size, num_workers",
+           "DataLoader(dataset, args.batch_size, drop_last=True, num_workers", METRICS),
+    Mutant("val-loader-drops-last-batch", "train.py", "DataLoader(val_set, args.eval_batch_size, sampler",
+           "DataLoader(val_set, args.eval_batch_size, drop_last=True, sampler",
+           ("tests/test_distributed.py", "-k", "gloo")),
     Mutant("test-py-crop-ignored", "test.py", "eval_transform(cfg.CROP_SIZE if args.crop else None)",
            "eval_transform(None)", METRICS),
     # label encoding
@@ -147,8 +154,28 @@ def apply(root: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.original, mutant.replacement))
 
 
-def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
-    """'killed', 'survived', 'stale' or 'error' (a pytest crash, a timeout), and the seconds it took."""
+def pytest(root: Path, tests: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
+    """pytest -x -q on the copy, one compute thread, no real-data tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAMVID_ROOT": "", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def baseline(chosen: list[Mutant], timeout: float) -> bool:
+    """The unmutated copy passes every test selection the chosen mutants use (else no kill means anything)."""
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as scratch:
+        copy_repo(Path(scratch))
+        for tests in dict.fromkeys(mutant.tests for mutant in chosen):
+            result = pytest(Path(scratch), tests, timeout)
+            if result.returncode != 0:
+                print(f"error: {' '.join(tests)} fails without any mutant:\n{result.stdout[-2000:]}", file=sys.stderr)
+                return False
+    return True
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """'killed', 'survived', 'stale' or 'error' (a pytest crash, a timeout), the seconds it took, and the
+    failing test (killed) or the end of pytest's output (otherwise)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
         root = Path(scratch)
@@ -156,19 +183,16 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float]:
         try:
             apply(root, mutant)
         except LookupError as exc:
-            print(f"  {exc}")
-            return "stale", 0.0
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CAMVID_ROOT": "", "PYTHONDONTWRITEBYTECODE": "1"}
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+            return "stale", 0.0, str(exc)
         try:
-            result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+            result = pytest(root, mutant.tests, timeout)
         except subprocess.TimeoutExpired:
-            return "error", time.perf_counter() - started
+            return "error", time.perf_counter() - started, f"timed out after {timeout:.0f}s"
     # pytest exit codes: 0 all passed, 1 some test failed; anything else is a crash or a collection error
     outcome = {0: "survived", 1: "killed"}.get(result.returncode, "error")
-    if outcome == "error":
-        print("  " + "\n  ".join((result.stdout + result.stderr).strip().splitlines()[-5:]))
-    return outcome, time.perf_counter() - started
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    failed = [line for line in lines if line.startswith("FAILED ")]
+    return outcome, time.perf_counter() - started, "\n".join(failed[:1] if outcome == "killed" else lines[-5:])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -176,6 +200,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the first run of each test selection on the unmutated copy")
     return parser
 
 
@@ -190,11 +216,15 @@ def main(args: argparse.Namespace) -> int:
         for mutant in chosen:
             print(f"{mutant.name:36} {mutant.file:26} {' '.join(mutant.tests)}")
         return 0
+    if not args.no_baseline and not baseline(chosen, args.timeout):
+        return 2
     outcomes = {}
     for mutant in chosen:
-        outcome, seconds = run(mutant, args.timeout)
+        outcome, seconds, detail = run(mutant, args.timeout)
         outcomes[mutant.name] = outcome
         print(f"{outcome:9} {mutant.name:36} {seconds:6.1f}s  ({' '.join(mutant.tests)})", flush=True)
+        for line in detail.splitlines():
+            print(f"          {line}", flush=True)
     killed = sum(outcome == "killed" for outcome in outcomes.values())
     print(f"score: {killed}/{len(chosen)} killed")
     for name, outcome in outcomes.items():
