@@ -2,7 +2,6 @@
 plus the samplers that shard training and validation across ranks."""
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -13,7 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 
-from dataset import SeededSampler, ShardSampler  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -28,8 +30,6 @@ def data(tmp_path_factory) -> Path:
 def reactive_start(path: Path) -> Path:
     """A narrow FCN-8s on VGG16-BN with random (not zero) scoring layers, for --init-from: its val loss then
     depends on the BatchNorm running statistics, so a rank validating with statistics other than rank 0's shows."""
-    import utils
-    from fcn import FCN, FCNConfig
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", "vgg16_bn", 11, fc_width=16))
     with torch.no_grad():
@@ -40,7 +40,6 @@ def reactive_start(path: Path) -> Path:
 
 
 def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_path: Path):
-    import test
     out = tmp_path / "run"
     start = reactive_start(tmp_path / "start.pth")
     result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "1", "--backbone", "vgg16_bn",
@@ -59,11 +58,10 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     assert not any("module." in key for key in checkpoint["model"])  # saved unwrapped from DDP
     # The val split sharded 2/1 over the ranks, the confusion matrix and loss all-reduced, every rank on rank 0's
     # BatchNorm statistics: the same numbers as one process scoring the saved model.
-    report = tmp_path / "val.json"
-    single = test.main(test.get_args_parser().parse_args([
-        "--data-root", str(data), "--split", "val", "--weights", str(out / "last.pth"), "--json", str(report),
-        "--device", "cpu", "--workers", "0"]))
-    assert json.loads(report.read_text())["images"] == 3
+    table = ClassTable.from_csv(data / "class_dict.csv")
+    model = utils.model_from_checkpoint(checkpoint, table, out / "last.pth")
+    loader = torch.utils.data.DataLoader(CamVidDataset(data, "val", table), batch_size=2)
+    single = train.evaluate(model, loader, table.num_classes, train.Loop(torch.device("cpu"), None, False))
     assert float(rows[-1]["val_loss"]) == pytest.approx(single["loss"], rel=1e-6)
     assert float(rows[-1]["val_miou"]) == pytest.approx(single["miou"], abs=1e-6)
     assert float(rows[-1]["val_pa"]) == pytest.approx(single["pixel_accuracy"], abs=1e-6)
