@@ -210,9 +210,10 @@ def test_crop_and_flip_keep_every_mask_pixel_under_its_image_pixel(pipeline):
         padded = rows < 0
         assert (out_mask[padded] == cfg.IGNORE_INDEX).all() and (out_image[:, padded] == 0).all()
         assert torch.equal(out_mask[~padded], mask[rows[~padded], cols[~padded]])
-        seen.add((rows.max().item(), cols[~padded][0].item()))  # crop offset and flip of this draw
-    if not isinstance(pipeline, transforms.CenterCrop):
-        assert len(seen) > 3  # the draws really moved the crop and flipped
+        flipped = bool(cols[~padded][0] > cols[~padded][-1])
+        seen.add((rows.max().item(), cols[~padded].min().item(), flipped))  # crop offset and flip of this draw
+    if not isinstance(pipeline, transforms.CenterCrop):  # the draws really move the crop, and flip half the time
+        assert len(seen) > 3 and {flipped for *_, flipped in seen} == {False, True}
 
 
 def one_hot_image(mask: torch.Tensor) -> torch.Tensor:

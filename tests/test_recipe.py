@@ -43,6 +43,9 @@ def test_ohem_keeps_the_hardest_fraction():
     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").flatten()
     expected = losses.sort(descending=True).values[:2].mean()
     assert train.SegmentationLoss(ohem_fraction=0.5)(logits, labels) == pytest.approx(expected.item())
+    # With 2 of 4 pixels void, the hardest 3 of 4 are the 2 labelled ones: their mean, not their sum over 3
+    labels[0, 0, :2] = V
+    assert train.SegmentationLoss(ohem_fraction=0.75)(logits, labels) == pytest.approx(losses[2:].mean().item())
 
 
 class Masks:
