@@ -248,6 +248,8 @@ def test_jitter_changes_the_image_only():
                                                   for s in (1, 2))
     assert not torch.equal(first, image) and not torch.equal(first, second)
     assert torch.equal(first_mask, mask) and torch.equal(second_mask, mask)
+    ratio = first.float() / image.float()  # brightness alone would scale every pixel alike (no clipping here)
+    assert ratio.max() - ratio.min() > 0.1  # contrast and saturation moved pixels differently
 
 
 def test_convert_index_release(tmp_path):
