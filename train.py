@@ -486,6 +486,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse twice so a --recipe supplies defaults that explicit flags override."""
     parser = get_args_parser()
+    options = vars(parser.parse_args([]))
+    for name, recipe in RECIPES.items():  # set_defaults would accept a misspelt key and change nothing
+        unknown = sorted(set(recipe) - set(options))
+        if unknown:
+            raise ValueError(f"RECIPES['{name}']: {', '.join(unknown)} is not a train.py option")
     args = parser.parse_args(argv)
     if args.recipe:
         parser.set_defaults(**RECIPES[args.recipe])

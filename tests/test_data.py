@@ -14,11 +14,6 @@ from dataset import (CamVidDataset, ClassTable, MaskEncoder, color_hash, coloriz
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 
 
-def test_class_table_has_11_classes_and_void():
-    assert TABLE.num_classes == 11 and TABLE.names[0] == "Sky" and TABLE.names[-1] == "Bicyclist"
-    assert TABLE.void_colors.tolist() == [[0, 0, 0]]
-
-
 @pytest.mark.parametrize("text, message", [
     ("name,r,g\nSky,1,2\n", "expected columns name,r,g,b"),
     ("name,r,g,b\nSky,1,2,300\n", "0..255"),
@@ -45,10 +40,28 @@ def test_encoding_round_trip():
     assert np.array_equal(MaskEncoder(TABLE)(colorize(labels, TABLE)), labels)
 
 
-def test_each_class_colour_maps_to_its_row():
-    encoded = MaskEncoder(TABLE)(TABLE.colors[None])
-    assert encoded.tolist() == [list(range(11))]
-    assert MaskEncoder(TABLE)(np.zeros((1, 1, 3), np.uint8)).item() == cfg.IGNORE_INDEX
+# data/class_dict.csv written out by hand: a reordered, edited or mis-parsed table shows here.
+CAMVID_COLOURS = [
+    ((128, 128, 128), 0),  # Sky
+    ((128, 0, 0), 1),  # Building
+    ((192, 192, 128), 2),  # Pole
+    ((128, 64, 128), 3),  # Road
+    ((0, 0, 192), 4),  # Sidewalk
+    ((128, 128, 0), 5),  # Tree
+    ((192, 128, 128), 6),  # SignSymbol
+    ((64, 64, 128), 7),  # Fence
+    ((64, 0, 128), 8),  # Car
+    ((64, 64, 0), 9),  # Pedestrian
+    ((0, 128, 192), 10),  # Bicyclist
+    ((0, 0, 0), cfg.IGNORE_INDEX),  # unlabelled
+]
+
+
+def test_literal_class_dict_colours_encode_to_their_rows():
+    rgb = np.array([[colour for colour, _ in CAMVID_COLOURS]], np.uint8)
+    assert MaskEncoder(TABLE)(rgb).tolist() == [[label for _, label in CAMVID_COLOURS]]
+    assert TABLE.names == ("Sky", "Building", "Pole", "Road", "Sidewalk", "Tree", "SignSymbol", "Fence", "Car",
+                           "Pedestrian", "Bicyclist")
 
 
 def test_unknown_colour_is_an_error_with_file_colour_and_count():
@@ -58,20 +71,37 @@ def test_unknown_colour_is_an_error_with_file_colour_and_count():
         MaskEncoder(TABLE)(rgb, "mask_L.png")
 
 
-def write_pair(folder, stem, size=(8, 10), extension=".jpg", mask_size=None):
+def write_pair(folder, stem, size=(8, 10), extension=".jpg", mask_size=None, color=(128, 128, 128)):
     (folder / "train").mkdir(exist_ok=True)
     (folder / "train_labels").mkdir(exist_ok=True)
     Image.new("RGB", size[::-1], (10, 20, 30)).save(folder / "train" / f"{stem}{extension}")
-    Image.new("RGB", (mask_size or size)[::-1], (128, 128, 128)).save(folder / "train_labels" / f"{stem}_L.png")
+    Image.new("RGB", (mask_size or size)[::-1], tuple(int(c) for c in color)).save(
+        folder / "train_labels" / f"{stem}_L.png")
 
 
 def test_pairs_by_stem_not_by_sorted_position(tmp_path):
-    # Sorted separately the lists would misalign: "b.jpg" < "c.png" but masks sort a_L, b_L, c_L.
-    for stem, ext in [("c", ".png"), ("b", ".jpg"), ("a", ".png")]:
-        write_pair(tmp_path, stem, extension=ext)
+    # "a.png" < "a0.png" but "a0_L.png" < "a_L.png": pairing the two sorted lists by position swaps them.
+    # Each mask has its own class, so a swapped pair shows in the labels, not only in the names.
+    write_pair(tmp_path, "a", extension=".png", color=TABLE.colors[3])
+    write_pair(tmp_path, "a0", extension=".png", color=TABLE.colors[8])
     pairs = find_pairs(tmp_path, "train")
-    assert [(s, i.name, m.name) for s, i, m in pairs] == [
-        ("a", "a.png", "a_L.png"), ("b", "b.jpg", "b_L.png"), ("c", "c.png", "c_L.png")]
+    assert [(s, i.name, m.name) for s, i, m in pairs] == [("a", "a.png", "a_L.png"), ("a0", "a0.png", "a0_L.png")]
+    dataset = CamVidDataset(tmp_path, "train", TABLE)
+    assert [dataset[i][1].unique().tolist() for i in range(2)] == [[3], [8]]
+
+
+def test_duplicate_stem_is_an_error_naming_both_files(tmp_path):
+    write_pair(tmp_path, "a", extension=".png")
+    Image.new("RGB", (10, 8)).save(tmp_path / "train" / "a.jpg")
+    with pytest.raises(UserError, match=r"a\.png: stem 'a' also used by a\.jpg"):
+        find_pairs(tmp_path, "train")
+
+
+def test_mask_without_l_suffix_is_an_error(tmp_path):
+    write_pair(tmp_path, "a")
+    Image.new("RGB", (10, 8)).save(tmp_path / "train_labels" / "b.png")
+    with pytest.raises(UserError, match=r"b\.png: mask name must end in '_L'"):
+        find_pairs(tmp_path, "train")
 
 
 def test_missing_mask_names_the_image(tmp_path):
@@ -150,23 +180,76 @@ def test_center_crop_is_deterministic_and_pads_with_ignore():
     assert padded.shape == (12, 12) and (padded[10:] == cfg.IGNORE_INDEX).all()
 
 
-def test_random_transforms_move_image_and_mask_together():
-    image, mask = sample()
-    image[0] = mask  # the first channel carries the labels: any misalignment shows
-    pipeline = transforms.train_transform((16, 16), scale=(0.5, 2.0), flip=True)
-    for seed in range(20):
-        out_image, out_mask = pipeline(image, mask, torch.Generator().manual_seed(seed))
-        assert out_mask.shape == (16, 16) and out_image.shape == (3, 16, 16)
-        labelled = out_mask != cfg.IGNORE_INDEX
-        assert set(out_mask[labelled].unique().tolist()) <= set(range(11))  # NEAREST: no blended labels
-    same = [pipeline(image, mask, torch.Generator().manual_seed(3))[1] for _ in range(2)]
-    assert torch.equal(*same)
+LABELS = (0, 10, cfg.IGNORE_INDEX)  # far apart: a blended (bilinear) mask would hold values in between
 
 
-def test_flip_mirrors_both():
-    image, mask = sample()
-    out_image, out_mask = transforms.RandomHorizontalFlip(p=1.0)(image, mask)
-    assert torch.equal(out_mask, mask.flip(-1)) and torch.equal(out_image, image.flip(-1))
+def block_labels(seed: int, shape=(24, 36), block=3) -> torch.Tensor:
+    """A random map of block×block squares of LABELS: many edges, so a one-pixel misalignment shows."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.choice(LABELS, size=(shape[0] // block, shape[1] // block))
+    return torch.from_numpy(np.kron(blocks, np.ones((block, block), np.int64)).astype(np.uint8))
+
+
+def coordinate_image(mask: torch.Tensor) -> torch.Tensor:
+    """Channels row+1, col+1 and the label: every output pixel says where it came from (0 = padding)."""
+    rows, cols = torch.meshgrid(torch.arange(mask.shape[0]), torch.arange(mask.shape[1]), indexing="ij")
+    return torch.stack([rows + 1, cols + 1, mask.long()]).to(torch.uint8)
+
+
+@pytest.mark.parametrize("pipeline", [
+    transforms.train_transform((32, 32), random_crop=True, flip=True),  # pads rows, crops columns
+    transforms.train_transform((16, 20), random_crop=True, flip=True),
+    transforms.CenterCrop((20, 40)),
+])
+def test_crop_and_flip_keep_every_mask_pixel_under_its_image_pixel(pipeline):
+    seen = set()
+    for seed in range(12):
+        mask = block_labels(seed)
+        out_image, out_mask = pipeline(coordinate_image(mask), mask, torch.Generator().manual_seed(seed))
+        rows, cols = out_image[0].long() - 1, out_image[1].long() - 1
+        padded = rows < 0
+        assert (out_mask[padded] == cfg.IGNORE_INDEX).all() and (out_image[:, padded] == 0).all()
+        assert torch.equal(out_mask[~padded], mask[rows[~padded], cols[~padded]])
+        flipped = bool(cols[~padded][0] > cols[~padded][-1])
+        seen.add((rows.max().item(), cols[~padded].min().item(), flipped))  # crop offset and flip of this draw
+    if not isinstance(pipeline, transforms.CenterCrop):  # the draws really move the crop, and flip half the time
+        assert len(seen) > 3 and {flipped for *_, flipped in seen} == {False, True}
+
+
+def one_hot_image(mask: torch.Tensor) -> torch.Tensor:
+    """Channel k is 255 where the label is LABELS[k]: bilinear blends are never pure, padding is all 0."""
+    return torch.stack([(mask == label) for label in LABELS]).to(torch.uint8) * 255
+
+
+@pytest.mark.parametrize("pipeline", [
+    transforms.train_transform((32, 32), scale=(0.5, 2.0), flip=True),
+    transforms.train_transform((16, 16), scale=(0.7, 1.3), downscale=1.5),
+    transforms.eval_transform(downscale=2),
+])
+def test_scaling_keeps_masks_aligned_and_labels_from_the_source_set(pipeline):
+    checked = total = 0
+    for seed in range(12):
+        mask = block_labels(seed, block=6)
+        out_image, out_mask = pipeline(one_hot_image(mask), mask, torch.Generator().manual_seed(seed))
+        assert set(out_mask.unique().tolist()) <= set(LABELS)  # NEAREST: no label made up in between
+        pure = (out_image == 255).sum(0).eq(1) & (out_image == 0).sum(0).eq(2)  # inside one source square
+        label_of_pure = torch.tensor(LABELS, dtype=torch.uint8)[out_image.argmax(0)]
+        assert torch.equal(out_mask[pure], label_of_pure[pure])
+        assert (out_mask[(out_image == 0).all(0)] == cfg.IGNORE_INDEX).all()  # padding
+        checked, total = checked + int(pure.sum()), total + out_mask.numel()
+    assert checked > total / 5, (checked, total)  # not vacuous: many pixels lie well inside a square
+
+
+def test_jitter_changes_the_image_only():
+    mask = block_labels(0)
+    image = coordinate_image(mask) // 2 + 60
+    pipeline = transforms.train_transform((24, 36), jitter=0.3)
+    (first, first_mask), (second, second_mask) = (pipeline(image, mask, torch.Generator().manual_seed(s))
+                                                  for s in (1, 2))
+    assert not torch.equal(first, image) and not torch.equal(first, second)
+    assert torch.equal(first_mask, mask) and torch.equal(second_mask, mask)
+    ratio = first.float() / image.float()  # brightness alone would scale every pixel alike (no clipping here)
+    assert ratio.max() - ratio.min() > 0.1  # contrast and saturation moved pixels differently
 
 
 def test_convert_index_release(tmp_path):

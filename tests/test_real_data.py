@@ -3,11 +3,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import cfg
 from conftest import SMALL_TRAIN, run_cli
-from dataset import CamVidDataset, ClassTable, find_pairs
+from dataset import CamVidDataset, ClassTable, MaskEncoder, find_pairs
+from evalution_segmentaion import ConfusionMatrix
 
 ROOT = os.environ.get("CAMVID_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="CAMVID_ROOT is not set")
@@ -26,9 +30,20 @@ def test_train_test_predict_on_real_images(tmp_path):
             "--downscale", "4")
     report = tmp_path / "test.json"
     run_cli("test.py", "--data-root", ROOT, "--weights", str(out / "best.pth"), "--split", "test", "--limit", "2",
-            "--json", str(report), "--workers", "0")
+            "--json", str(report), "--workers", "0", "--batch-size", "1")
     metrics = json.loads(report.read_text())
-    assert 0 <= metrics["miou"] <= 1 and len(metrics["iou"]) == 11
     run_cli("predict.py", "--weights", str(out / "best.pth"), "--input", str(Path(ROOT) / "test"),
             "--out", str(tmp_path / "masks"))
     assert len(list((tmp_path / "masks").glob("*.png"))) == 4
+    # test.py's numbers, recomputed from predict.py's colour masks of the same two images and their truth
+    table = ClassTable.from_csv(Path(ROOT) / "class_dict.csv")
+    encoder, confusion = MaskEncoder(table), ConfusionMatrix(table.num_classes)
+
+    def labels(path):
+        return torch.from_numpy(encoder(np.asarray(Image.open(path).convert("RGB"))))
+    for stem, _, truth in find_pairs(ROOT, "test")[:2]:
+        confusion.update(labels(tmp_path / "masks" / f"{stem}.png"), labels(truth))
+    expected = confusion.compute()
+    assert metrics["images"] == 2 and list(metrics["iou"]) == list(table.names)
+    assert metrics["miou"] == pytest.approx(expected["miou"], abs=1e-9)
+    assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"], abs=1e-9)

@@ -1,15 +1,17 @@
-"""Training-recipe pieces: recipe defaults, losses, class weights, schedules, staged initialisation."""
+"""Training-recipe pieces: recipe defaults, losses, class weights, schedules, staged initialisation, and every
+flag traced from the command line through train.setup() to what the run does."""
+
 import pytest
 import torch
 
 import cfg
 import train
+import transforms
 import utils
-from conftest import write_camvid
-from dataset import CamVidDataset, ClassTable
-from fcn import FCN, FCNConfig
+from conftest import SMALL_TRAIN
+from fcn import FCN, FCNConfig, bilinear_kernel
 
-TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+V = cfg.IGNORE_INDEX
 
 
 def test_recipe_sets_defaults_and_explicit_flags_win():
@@ -19,11 +21,17 @@ def test_recipe_sets_defaults_and_explicit_flags_win():
     assert train.parse_args([]).optimizer == "adam"
 
 
+def test_a_misspelt_recipe_key_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setitem(train.RECIPES, "camvid", {**train.RECIPES["camvid"], "warmup_epoch": 5})
+    with pytest.raises(ValueError, match=r"RECIPES\['camvid'\]: warmup_epoch is not a train.py option"):
+        train.parse_args([])
+
+
 def test_plain_loss_is_cross_entropy_ignoring_void():
     logits = torch.randn(2, 3, 4, 5)
     labels = torch.randint(0, 3, (2, 4, 5))
-    labels[0, 0] = cfg.IGNORE_INDEX
-    kept = labels != cfg.IGNORE_INDEX
+    labels[0, 0] = V
+    kept = labels != V
     per_pixel = -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
     assert train.SegmentationLoss()(logits, labels) == pytest.approx(per_pixel[kept].mean().item(), rel=1e-5)
 
@@ -35,26 +43,35 @@ def test_ohem_keeps_the_hardest_fraction():
     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").flatten()
     expected = losses.sort(descending=True).values[:2].mean()
     assert train.SegmentationLoss(ohem_fraction=0.5)(logits, labels) == pytest.approx(expected.item())
+    # With 2 of 4 pixels void, the hardest 3 of 4 are the 2 labelled ones: their mean, not their sum over 3
+    labels[0, 0, :2] = V
+    assert train.SegmentationLoss(ohem_fraction=0.75)(logits, labels) == pytest.approx(losses[2:].mean().item())
+
+
+class Masks:
+    """The one method median_frequency_weights reads: load(i) -> (image, labels)."""
+
+    def __init__(self, *masks):
+        self.masks = [torch.tensor(mask, dtype=torch.uint8) for mask in masks]
+
+    def __len__(self):
+        return len(self.masks)
+
+    def load(self, index):
+        return None, self.masks[index]
 
 
 def test_median_frequency_weights_by_hand(tmp_path):
-    root = write_camvid(tmp_path / "CamVid", {"train": 2})
-    dataset = CamVidDataset(root, "train", TABLE)
-    weights = train.median_frequency_weights(dataset, TABLE.num_classes, tmp_path / "w.json")
-    pixels = torch.zeros(11, dtype=torch.float64)
-    image_pixels = torch.zeros(11, dtype=torch.float64)
-    for index in range(2):
-        labels = dataset.load(index)[1].long()
-        for c in range(11):
-            count = (labels == c).sum()
-            pixels[c] += count
-            image_pixels[c] += labels.numel() if count else 0
-    freq = pixels / image_pixels.clamp(min=1)
-    present = freq > 0
-    expected = torch.where(present, freq[present].median() / freq.clamp(min=1e-12), torch.zeros(()))
-    assert torch.allclose(weights.double(), expected, rtol=1e-5)
-    cached = train.median_frequency_weights(dataset, TABLE.num_classes, tmp_path / "w.json")
-    assert torch.allclose(cached, weights)
+    # freq_c = pixels of c / all pixels (void too) of the images that contain c; weight_c = median(freq) / freq_c
+    #   class 0: 3 px in image A (4 px)          -> 3/4
+    #   class 1: 1 + 2 px in images A and B (8)  -> 3/8
+    #   class 2: 1 px in image B (4 px)          -> 1/4
+    #   class 3: absent                          -> weight 0
+    # median(3/4, 3/8, 1/4) = 3/8 -> weights 1/2, 1, 3/2, 0
+    dataset = Masks([[0, 0], [0, 1]], [[1, 1], [2, V]])
+    weights = train.median_frequency_weights(dataset, 4, tmp_path / "w.json")
+    assert weights.tolist() == pytest.approx([0.5, 1.0, 1.5, 0.0])
+    assert train.median_frequency_weights(Masks(), 4, tmp_path / "w.json").tolist() == weights.tolist()  # cached
 
 
 def test_poly_schedule_with_warmup():
@@ -72,24 +89,129 @@ def test_poly_schedule_with_warmup():
     assert lrs[2:] == pytest.approx([1.0, 0.75 ** 0.9, 0.5 ** 0.9, 0.25 ** 0.9])
 
 
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 3, 1))
+
+
+def decay_of(optimizer):
+    """id(parameter) -> the weight decay its optimizer group applies."""
+    return {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+
+
 def test_no_weight_decay_on_bias_and_batchnorm():
-    model = FCN(FCNConfig("fcn8s", "vgg16_bn", 11, fc_width=8))
-    decay, no_decay = train.parameter_groups(model, 5e-4)
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 5e-4
-    bn_weight = model.features[1].weight
-    assert any(p is bn_weight for p in no_decay["params"])
+    model = tiny_model()
+    optimizer = train.build_optimizer(model, train.parse_args(["--weight-decay", "5e-4"]), torch.device("cpu"))
+    decay = decay_of(optimizer)
+    assert [decay[id(p)] for p in model.parameters()] == [5e-4, 0, 0, 0, 5e-4, 0]  # conv w, b, BN w, b, conv w, b
 
 
-def test_init_from_a_coarser_variant(tmp_path):
+def one_step(flags, clip_grad=0.0):
+    """The model after one train_step with the optimizer the flags build (one fixed batch)."""
+    model = tiny_model()
+    optimizer = train.build_optimizer(model, train.parse_args(flags), torch.device("cpu"))
+    loop = train.Loop(torch.device("cpu"), None, False, clip_grad=clip_grad)
+    images, labels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 4, 4).long()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train.train_step(model, images, labels, optimizer, scaler, train.SegmentationLoss(), loop)
+    return model
+
+
+def test_weight_decay_shrinks_kernels_only():
+    sgd = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.1"]
+    plain, decayed, start = one_step(sgd), one_step(sgd + ["--weight-decay", "0.5"]), tiny_model()
+    for name, value in decayed.state_dict().items():
+        if name.endswith("weight") and value.ndim > 1:  # w - lr * (g + wd * w)
+            expected = plain.state_dict()[name] - 0.1 * 0.5 * start.state_dict()[name]
+            assert torch.allclose(value, expected, atol=1e-6), name
+        else:
+            assert torch.equal(value, plain.state_dict()[name]), name
+
+
+def test_clip_grad_bounds_the_step():
+    sgd = ["--optimizer", "sgd", "--momentum", "0", "--lr", "1"]
+    start = torch.cat([p.flatten() for p in tiny_model().parameters()])
+
+    def step_norm(clip):
+        return (torch.cat([p.flatten() for p in one_step(sgd, clip).parameters()]) - start).norm().item()
+    assert step_norm(0.0) > 0.1 and step_norm(0.01) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_init_from_keeps_bilinear_upsamplers_and_zero_scores(tmp_path):
     torch.manual_seed(0)
     coarse = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
-    with torch.no_grad():
-        coarse.score_fr.weight.normal_()
+    with torch.no_grad():  # a trained-looking source: every layer away from its initial value
+        for parameter in coarse.parameters():
+            parameter.add_(torch.randn_like(parameter))
     path = tmp_path / "fcn32s.pth"
     utils.save_checkpoint({"model": coarse.state_dict(), "config": {"model": coarse.config.to_dict()}}, path)
-    fine = FCN(FCNConfig("fcn8s", "vgg16", 11, fc_width=8))
-    train.init_from(fine, str(path), TABLE)
-    assert torch.equal(fine.features[0].weight, coarse.features[0].weight)
-    assert torch.equal(fine.score_fr.weight, coarse.score_fr.weight)
-    assert fine.upscore.weight.shape != coarse.upscore.weight.shape  # skipped, stays bilinear
+    fine = FCN(FCNConfig("fcn16s", "vgg16", 11, fc_width=8))
+    train.init_from(fine, str(path), train.ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
+    source, target = coarse.state_dict(), fine.state_dict()
+    for name in source:
+        if not name.startswith("upscore."):  # the 32x upsampler has no place in FCN-16s
+            assert torch.equal(target[name], source[name]), name
+    assert not fine.score_pool4.weight.any() and not fine.score_pool4.bias.any()
+    assert torch.equal(fine.upscore2.weight, bilinear_kernel(11, 11, 4))
+    assert torch.equal(fine.upscore.weight, bilinear_kernel(11, 11, 32))
+
+
+# ---------------------------------------------------------------- every flag reaches the run
+
+def setup(camvid, out, *flags):
+    return train.setup(train.parse_args(["--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN, *flags]))
+
+
+@pytest.fixture(scope="module")
+def recipe_run(camvid, tmp_path_factory):
+    """train.setup() of the CamVid recipe plus the loss and data flags (4 train images: 2 steps an epoch)."""
+    return setup(camvid, tmp_path_factory.mktemp("recipe"), "--recipe", "camvid", "--class-weights", "median-freq",
+                 "--ohem", "0.25", "--val-crop", "--cache")
+
+
+@pytest.fixture(scope="module")
+def plain_run(camvid, tmp_path_factory):
+    return setup(camvid, tmp_path_factory.mktemp("plain"))
+
+
+def test_recipe_optimizer_and_schedule_reach_setup(recipe_run, plain_run):
+    optimizer = recipe_run["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD) and isinstance(plain_run["optimizer"], torch.optim.Adam)
+    assert {(g["initial_lr"], g["momentum"]) for g in optimizer.param_groups} == {(0.01, 0.9)}
+    decay = decay_of(optimizer)
+    assert all(decay[id(p)] == (5e-4 if p.ndim > 1 else 0) for p in recipe_run["model"].parameters())
+    assert recipe_run["loop"].clip_grad == 10.0 and plain_run["loop"].clip_grad == 0.0
+    factor = recipe_run["scheduler"].lr_lambdas[0]  # 300 epochs x 2 steps, 5 warm-up epochs = 10 steps
+    assert [factor(step) for step in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    assert [factor(step) for step in (305, 599)] == pytest.approx([0.5 ** 0.9, (1 / 590) ** 0.9])
+    plain = plain_run["scheduler"].lr_lambdas[0]  # step decay: x0.5 every 50 epochs of 2 steps
+    assert [plain(step) for step in (0, 99, 100, 200)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_recipe_augmentation_reaches_the_train_set(recipe_run, plain_run):
+    steps = recipe_run["train_loader"].dataset.transform.steps
+    assert [type(step) for step in steps] == [transforms.RandomScale, transforms.RandomCrop,
+                                              transforms.RandomHorizontalFlip, transforms.ColorJitter]
+    assert (steps[0].low, steps[0].high, steps[1].size, steps[3].strength) == (0.5, 2.0, (32, 32), 0.2)
+    augmented, plain = recipe_run["train_loader"].dataset, plain_run["train_loader"].dataset
+    draws = [augmented[0, (seed, 1)] for seed in range(4)]
+    assert all(not torch.equal(draws[0][0], other[0]) for other in draws[1:])  # every seed its own sample
+    assert torch.equal(augmented[0, (2, 1)][0], draws[2][0])  # and the same one again
+    image, labels = plain.load(0)
+    assert torch.equal(plain[0, (1, 1)][1], labels[16:48, 32:64])  # no flag: the centre crop, always
+    assert torch.equal(plain[0, (2, 1)][0], image[:, 16:48, 32:64])
+
+
+def test_loss_val_crop_and_cache_flags_reach_setup(recipe_run, plain_run, camvid):
+    loss = recipe_run["loss_fn"]
+    expected = train.median_frequency_weights(train.CamVidDataset(camvid, "train", train.ClassTable.from_csv(
+        cfg.DEFAULT_CLASS_DICT)), 11, None)
+    assert loss.ohem_fraction == 0.25 and torch.allclose(loss.weight, expected)
+    assert plain_run["loss_fn"].weight is None and plain_run["loss_fn"].ohem_fraction == 0
+    assert recipe_run["val_loader"].dataset[0][0].shape == (3, 32, 32)  # --val-crop: the training crop
+    assert plain_run["val_loader"].dataset[0][0].shape == (3, 64, 96)
+    cached = recipe_run["train_loader"].dataset
+    assert cached.cache is not None and plain_run["train_loader"].dataset.cache is None
+    before = cached.load(1)
+    cached.pairs = [(stem, image.with_name("gone.png"), mask) for stem, image, mask in cached.pairs]
+    assert all(torch.equal(a, b) for a, b in zip(cached.load(1), before))  # served from memory, no file read

@@ -1,0 +1,245 @@
+"""Hand-written mutants of the core modules, each run against the tests that must catch it.
+
+    python tools/mutants.py --list            # what would run
+    python tools/mutants.py [NAME ...]        # all mutants, or the named ones
+
+Each mutant replaces one exact snippet of one file in a temporary copy of the repository (the tracked and
+untracked-but-not-ignored files; the working tree is never touched) and runs its test files there with
+`pytest -x -q`. A failing test kills the mutant; a survivor is a promise no test checks. First each test
+selection runs once on the unmutated copy (`--no-baseline` skips that): a kill only counts if it passes.
+CPU-heavy (one pytest process per mutant, one thread each): run on demand, not in CI; pytest does not
+collect this file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One deliberate bug: `original` (found exactly once in `file`) becomes `replacement`."""
+
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments: test files, node ids or -k expressions
+
+
+DATA, METRICS, RECIPE = ("tests/test_data.py",), ("tests/test_metrics.py",), ("tests/test_recipe.py",)
+RESUME = ("tests/test_resume_equality.py",)
+MUTANTS = [
+    # metrics
+    Mutant("evaluate-keeps-last-batch", "train.py", "        confusion.update(logits.argmax(1), labels)\n",
+           "        confusion = ConfusionMatrix(num_classes, loop.device)\n"
+           "        confusion.update(logits.argmax(1), labels)\n", METRICS),
+    Mutant("confusion-transposed", "evalution_segmentaion.py", "target * n + prediction", "prediction * n + target",
+           METRICS),
+    Mutant("iou-union-double-counts", "evalution_segmentaion.py",
+           "union = truth_total + predicted_total - true_positive", "union = truth_total + predicted_total", METRICS),
+    Mutant("miou-absent-class-as-zero", "evalution_segmentaion.py", '"miou": float(iou.nanmean())',
+           '"miou": float(iou.nan_to_num().mean())', METRICS),
+    Mutant("fwiou-predicted-frequency", "evalution_segmentaion.py", "frequency = truth_total / total",
+           "frequency = predicted_total / total", METRICS),
+    Mutant("test-py-drops-last-batch", "test.py", "DataLoader(dataset, args.batch_size, num_workers",
+           "DataLoader(dataset, args.batch_size, drop_last=True, num_workers", METRICS),
+    Mutant("val-loader-drops-last-batch", "train.py", "DataLoader(val_set, args.eval_batch_size, sampler",
+           "DataLoader(val_set, args.eval_batch_size, drop_last=True, sampler",
+           ("tests/test_distributed.py", "-k", "gloo")),
+    Mutant("test-py-crop-ignored", "test.py", "eval_transform(cfg.CROP_SIZE if args.crop else None)",
+           "eval_transform(None)", METRICS),
+    # label encoding
+    Mutant("hash-channels-swapped", "dataset.py", "return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]",
+           "return (rgb[..., 2] << 16) | (rgb[..., 1] << 8) | rgb[..., 0]", DATA),
+    Mutant("unknown-colour-silent", "dataset.py", "        if unknown.any():\n            raise UserError(",
+           "        if False:\n            raise UserError(", DATA),
+    Mutant("void-becomes-class-0", "dataset.py", "np.full(len(self.void_colors), cfg.IGNORE_INDEX)",
+           "np.zeros(len(self.void_colors))", DATA),
+    Mutant("class-rows-off-by-one", "dataset.py", "labels = np.concatenate([np.arange(self.num_classes),",
+           "labels = np.concatenate([np.arange(1, self.num_classes + 1),", DATA),
+    # pairing
+    Mutant("pair-by-sorted-position", "dataset.py",
+           "return [(stem, images[stem], masks[stem]) for stem in sorted(images)]",
+           "return [(stem, images[stem], mask) for stem, mask in zip(sorted(images), sorted(masks.values()))]", DATA),
+    Mutant("duplicate-stem-silent", "dataset.py", "        if path.stem in found:\n",
+           "        if False:\n", DATA),
+    Mutant("mask-suffix-unchecked", "dataset.py", "        if not stem.endswith(cfg.MASK_SUFFIX):\n",
+           "        if False:\n", DATA),
+    # transforms
+    Mutant("mask-resized-bilinear", "transforms.py", "mask = TF.resize(mask[None], size, InterpolationMode.NEAREST)[0]",
+           "mask = TF.resize(mask[None], size, InterpolationMode.BILINEAR)[0]", DATA),
+    Mutant("random-crop-misses-mask", "transforms.py",
+           "        left = int(uniform(rng) * (mask.shape[1] - self.size[1] + 1))\n"
+           "        rows, cols = slice(top, top + self.size[0]), slice(left, left + self.size[1])\n"
+           "        return image[:, rows, cols], mask[rows, cols]",
+           "        left = int(uniform(rng) * (mask.shape[1] - self.size[1] + 1))\n"
+           "        rows, cols = slice(top, top + self.size[0]), slice(left, left + self.size[1])\n"
+           "        return image[:, rows, cols], mask[rows, :self.size[1]]", DATA),
+    Mutant("flip-image-only", "transforms.py", "return image.flip(-1), mask.flip(-1)", "return image.flip(-1), mask",
+           DATA),
+    Mutant("mask-padded-with-0", "transforms.py", "F.pad(mask, (0, pad_w, 0, pad_h), value=cfg.IGNORE_INDEX)",
+           "F.pad(mask, (0, pad_w, 0, pad_h), value=0)", DATA),
+    Mutant("flip-always", "transforms.py", "        if uniform(rng) < self.p:\n", "        if True:\n", DATA),
+    Mutant("jitter-brightness-only", "transforms.py",
+           "        image = TF.adjust_contrast(image, uniform(rng, low, high))\n"
+           "        image = TF.adjust_saturation(image, uniform(rng, low, high))\n", "", DATA),
+    Mutant("augmentation-same-every-epoch", "dataset.py", "yield index, (self.seed, self.epoch)",
+           "yield index, (self.seed, 0)", ("tests/test_distributed.py", "-k", "sampler")),
+    Mutant("jitter-dropped", "transforms.py", "    if jitter > 0:\n", "    if jitter < 0:\n", DATA),
+    Mutant("val-crop-ignored", "train.py", "eval_transform(crop if args.val_crop else None, args.downscale)",
+           "eval_transform(None, args.downscale)", RECIPE),
+    # schedule, optimiser, loss
+    Mutant("poly-power-1", "train.py", "/ max(1, total - warmup)) ** 0.9", "/ max(1, total - warmup)) ** 1.0",
+           RECIPE),
+    Mutant("warmup-starts-at-0", "train.py", "return (step + 1) / warmup", "return step / warmup", RECIPE),
+    Mutant("weight-decay-ignored", "train.py", '{"params": decay, "weight_decay": weight_decay}',
+           '{"params": decay, "weight_decay": 0.0}', RECIPE),
+    Mutant("clip-grad-ignored", "train.py", "    if loop.clip_grad > 0:\n", "    if loop.clip_grad < 0:\n", RECIPE),
+    Mutant("ohem-ignored", "train.py", "        if self.ohem_fraction <= 0:\n", "        if True:\n", RECIPE),
+    Mutant("ohem-divides-by-k", "train.py", "labelled = (labels != cfg.IGNORE_INDEX).sum().clamp(min=1, max=k)",
+           "labelled = k", RECIPE),
+    Mutant("median-freq-labelled-pixels-only", "train.py", "image_pixels += (counts > 0) * labels.numel()",
+           "image_pixels += (counts > 0) * counts.sum()", RECIPE),
+    Mutant("init-from-randomises-upsamplers", "train.py", "    model.load_state_dict(shared, strict=False)\n",
+           "    model.load_state_dict(shared, strict=False)\n"
+           "    for layer in model.modules():\n"
+           "        if isinstance(layer, nn.ConvTranspose2d):\n"
+           "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
+    Mutant("recipe-key-misspelt", "train.py", "warmup_epochs=5,", "warmup_epoch=5,", RECIPE),
+    Mutant("scale-flag-dropped", "transforms.py", "        steps.append(RandomScale(*scale))\n", "        pass\n",
+           DATA + RECIPE),
+    Mutant("cache-flag-ignored", "train.py", "    if args.cache:\n", "    if False:\n", RECIPE),
+    Mutant("class-weights-not-in-loss", "train.py", 'run["loss_fn"] = SegmentationLoss(weight, args.ohem)',
+           'run["loss_fn"] = SegmentationLoss(None, args.ohem)', RECIPE),
+    # model initialisation
+    Mutant("bilinear-kernel-off-centre", "fcn.py", "center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5",
+           "center = factor - 1", ("tests/test_model.py",)),
+    Mutant("upsampler-not-bilinear", "fcn.py",
+           "        layer.weight.copy_(bilinear_kernel(channels, channels, 2 * stride))\n", "        pass\n",
+           ("tests/test_model.py",)),
+    Mutant("scores-not-zero", "fcn.py", "    nn.init.zeros_(layer.weight)\n", "", RECIPE),
+    # resume and ranks
+    Mutant("val-shards-padded", "dataset.py", "self.indices = list(range(rank, length, num_replicas))",
+           "self.indices = list(range(rank, length + length % num_replicas, num_replicas))",
+           ("tests/test_distributed.py", "-k", "shards")),
+    Mutant("resume-forgets-schedule", "train.py", '    run["scheduler"].load_state_dict(state["scheduler"])\n', "",
+           RESUME),
+    Mutant("resume-forgets-optimizer", "train.py", '    run["optimizer"].load_state_dict(state["optimizer"])\n', "",
+           RESUME),
+    Mutant("bn-buffers-not-synced", "train.py", "            torch.distributed.broadcast(buffer, src=0)\n",
+           "            pass\n", ("tests/test_distributed.py", "-k", "gloo")),
+]
+
+
+def copy_repo(destination: Path) -> None:
+    """The files git would see (tracked, and untracked but not ignored) copied into destination."""
+    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout
+    for name in filter(None, listing.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def apply(root: Path, mutant: Mutant) -> None:
+    """Replace the mutant's snippet in the copy; a snippet not found exactly once is a stale mutant."""
+    path = root / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.original)
+    if count != 1:
+        raise LookupError(f"{mutant.file}: snippet found {count} times (the code changed: update the mutant)")
+    path.write_text(text.replace(mutant.original, mutant.replacement))
+
+
+def pytest(root: Path, tests: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
+    """pytest -x -q on the copy, one compute thread, no real-data tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CAMVID_ROOT": "", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def baseline(chosen: list[Mutant], timeout: float) -> bool:
+    """The unmutated copy passes every test selection the chosen mutants use (else no kill means anything)."""
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as scratch:
+        copy_repo(Path(scratch))
+        for tests in dict.fromkeys(mutant.tests for mutant in chosen):
+            result = pytest(Path(scratch), tests, timeout)
+            if result.returncode != 0:
+                print(f"error: {' '.join(tests)} fails without any mutant:\n{result.stdout[-2000:]}", file=sys.stderr)
+                return False
+    return True
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """'killed', 'survived', 'stale' or 'error' (a pytest crash, a timeout), the seconds it took, and the
+    failing test (killed) or the end of pytest's output (otherwise)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as scratch:
+        root = Path(scratch)
+        copy_repo(root)
+        try:
+            apply(root, mutant)
+        except LookupError as exc:
+            return "stale", 0.0, str(exc)
+        try:
+            result = pytest(root, mutant.tests, timeout)
+        except subprocess.TimeoutExpired:
+            return "error", time.perf_counter() - started, f"timed out after {timeout:.0f}s"
+    # pytest exit codes: 0 all passed, 1 some test failed; anything else is a crash or a collection error
+    outcome = {0: "survived", 1: "killed"}.get(result.returncode, "error")
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    failed = [line for line in lines if line.startswith("FAILED ")]
+    return outcome, time.perf_counter() - started, "\n".join(failed[:1] if outcome == "killed" else lines[-5:])
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run hand-written mutants against the tests that guard them.")
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the first run of each test selection on the unmutated copy")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    known = {mutant.name: mutant for mutant in MUTANTS}
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        print(f"error: unknown mutant(s) {', '.join(unknown)}; see --list", file=sys.stderr)
+        return 2
+    chosen = [known[name] for name in args.names] or MUTANTS
+    if args.list:
+        for mutant in chosen:
+            print(f"{mutant.name:36} {mutant.file:26} {' '.join(mutant.tests)}")
+        return 0
+    if not args.no_baseline and not baseline(chosen, args.timeout):
+        return 2
+    outcomes = {}
+    for mutant in chosen:
+        outcome, seconds, detail = run(mutant, args.timeout)
+        outcomes[mutant.name] = outcome
+        print(f"{outcome:9} {mutant.name:36} {seconds:6.1f}s  ({' '.join(mutant.tests)})", flush=True)
+        for line in detail.splitlines():
+            print(f"          {line}", flush=True)
+    killed = sum(outcome == "killed" for outcome in outcomes.values())
+    print(f"score: {killed}/{len(chosen)} killed")
+    for name, outcome in outcomes.items():
+        if outcome != "killed":
+            print(f"  {outcome}: {name}")
+    return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
