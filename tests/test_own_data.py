@@ -341,7 +341,7 @@ def test_fine_tune_flags_reach_the_run(tmp_path, camvid_checkpoint, capsys):
     args = train.parse_args(["--data-root", str(root), "--out", str(tmp_path / "run"), *SMALL_TRAIN,
                              "--init-from", str(camvid_checkpoint), "--backbone-lr-mult", "0.1"])
     run = train.setup(args)  # in-process: the wiring of flags, class table and optimiser, without a training run
-    model = train.unwrap(run["model"])
-    assert run["table"].num_classes == 3 and model.config.num_classes == 3 and not model.score_fr.weight.any()
-    assert [g["lr"] for g in run["optimizer"].param_groups] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    model = train.unwrap(run.model)
+    assert run.table.num_classes == 3 and model.config.num_classes == 3 and not model.score_fr.weight.any()
+    assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
     assert "(11 classes -> 3): not loaded, freshly initialised: score_fr" in capsys.readouterr().out

@@ -175,25 +175,25 @@ def plain_run(camvid, tmp_path_factory):
 
 
 def test_recipe_optimizer_and_schedule_reach_setup(recipe_run, plain_run):
-    optimizer = recipe_run["optimizer"]
-    assert isinstance(optimizer, torch.optim.SGD) and isinstance(plain_run["optimizer"], torch.optim.Adam)
+    optimizer = recipe_run.optimizer
+    assert isinstance(optimizer, torch.optim.SGD) and isinstance(plain_run.optimizer, torch.optim.Adam)
     assert {(g["initial_lr"], g["momentum"]) for g in optimizer.param_groups} == {(0.01, 0.9)}
     decay = decay_of(optimizer)
-    assert all(decay[id(p)] == (5e-4 if p.ndim > 1 else 0) for p in recipe_run["model"].parameters())
-    assert recipe_run["loop"].clip_grad == 10.0 and plain_run["loop"].clip_grad == 0.0
-    factor = recipe_run["scheduler"].lr_lambdas[0]  # 300 epochs x 2 steps, 5 warm-up epochs = 10 steps
+    assert all(decay[id(p)] == (5e-4 if p.ndim > 1 else 0) for p in recipe_run.model.parameters())
+    assert recipe_run.loop.clip_grad == 10.0 and plain_run.loop.clip_grad == 0.0
+    factor = recipe_run.scheduler.lr_lambdas[0]  # 300 epochs x 2 steps, 5 warm-up epochs = 10 steps
     assert [factor(step) for step in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
     assert [factor(step) for step in (305, 599)] == pytest.approx([0.5 ** 0.9, (1 / 590) ** 0.9])
-    plain = plain_run["scheduler"].lr_lambdas[0]  # step decay: x0.5 every 50 epochs of 2 steps
+    plain = plain_run.scheduler.lr_lambdas[0]  # step decay: x0.5 every 50 epochs of 2 steps
     assert [plain(step) for step in (0, 99, 100, 200)] == [1.0, 1.0, 0.5, 0.25]
 
 
 def test_recipe_augmentation_reaches_the_train_set(recipe_run, plain_run):
-    steps = recipe_run["train_loader"].dataset.transform.steps
+    steps = recipe_run.train_loader.dataset.transform.steps
     assert [type(step) for step in steps] == [transforms.RandomScale, transforms.RandomCrop,
                                               transforms.RandomHorizontalFlip, transforms.ColorJitter]
     assert (steps[0].low, steps[0].high, steps[1].size, steps[3].strength) == (0.5, 2.0, (32, 32), 0.2)
-    augmented, plain = recipe_run["train_loader"].dataset, plain_run["train_loader"].dataset
+    augmented, plain = recipe_run.train_loader.dataset, plain_run.train_loader.dataset
     draws = [augmented[0, (seed, 1)] for seed in range(4)]
     assert all(not torch.equal(draws[0][0], other[0]) for other in draws[1:])  # every seed its own sample
     assert torch.equal(augmented[0, (2, 1)][0], draws[2][0])  # and the same one again
@@ -203,15 +203,15 @@ def test_recipe_augmentation_reaches_the_train_set(recipe_run, plain_run):
 
 
 def test_loss_val_crop_and_cache_flags_reach_setup(recipe_run, plain_run, camvid):
-    loss = recipe_run["loss_fn"]
+    loss = recipe_run.loss_fn
     expected = train.median_frequency_weights(train.CamVidDataset(camvid, "train", train.ClassTable.from_csv(
         cfg.DEFAULT_CLASS_DICT)), 11, None)
     assert loss.ohem_fraction == 0.25 and torch.allclose(loss.weight, expected)
-    assert plain_run["loss_fn"].weight is None and plain_run["loss_fn"].ohem_fraction == 0
-    assert recipe_run["val_loader"].dataset[0][0].shape == (3, 32, 32)  # --val-crop: the training crop
-    assert plain_run["val_loader"].dataset[0][0].shape == (3, 64, 96)
-    cached = recipe_run["train_loader"].dataset
-    assert cached.cache is not None and plain_run["train_loader"].dataset.cache is None
+    assert plain_run.loss_fn.weight is None and plain_run.loss_fn.ohem_fraction == 0
+    assert recipe_run.val_loader.dataset[0][0].shape == (3, 32, 32)  # --val-crop: the training crop
+    assert plain_run.val_loader.dataset[0][0].shape == (3, 64, 96)
+    cached = recipe_run.train_loader.dataset
+    assert cached.cache is not None and plain_run.train_loader.dataset.cache is None
     before = cached.load(1)
     cached.pairs = [(stem, image.with_name("gone.png"), mask) for stem, image, mask in cached.pairs]
     assert all(torch.equal(a, b) for a, b in zip(cached.load(1), before))  # served from memory, no file read
