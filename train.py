@@ -664,11 +664,21 @@ def finish(run: Run) -> None:
         utils.atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """Shut persistent workers down now, through the DataLoader's own sentinel path: left to interpreter exit,
+    multiprocessing would SIGTERM them, which they ignore (utils.ignore_stop_signals), and wait forever."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def main(args: argparse.Namespace) -> None:
     run = setup(args)
     try:
         fit(run)
     finally:
+        for loader in (run.train_loader, run.val_loader):
+            stop_workers(loader)
         if run.loop.dist.enabled:
             torch.distributed.destroy_process_group()
 
