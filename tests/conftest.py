@@ -90,3 +90,18 @@ def trained_run(camvid: Path, tmp_path_factory) -> Path:
     run_cli(*common, "--epochs", "1")
     run_cli(*common, "--epochs", "2", "--resume")
     return out
+
+
+def reactive_checkpoint(path: Path, backbone: str, fc_width: int):
+    """Save a narrow FCN-8s whose scoring layers are random (not the paper's zeros), so its predictions and loss
+    react to everything before them; returns the model in eval mode."""
+    import torch
+    import utils
+    from fcn import FCN, FCNConfig
+    torch.manual_seed(0)
+    model = FCN(FCNConfig("fcn8s", backbone, 11, fc_width=fc_width))
+    with torch.no_grad():
+        for layer in (model.score_fr, model.score_pool4, model.score_pool3):
+            layer.weight.normal_(std=0.5)
+    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    return model.eval()

@@ -11,11 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
+from conftest import reactive_checkpoint  # noqa: E402
 
 import train  # noqa: E402
 import utils  # noqa: E402
 from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
-from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -30,12 +30,7 @@ def data(tmp_path_factory) -> Path:
 def reactive_start(path: Path) -> Path:
     """A narrow FCN-8s on VGG16-BN with random (not zero) scoring layers, for --init-from: its val loss then
     depends on the BatchNorm running statistics, so a rank validating with statistics other than rank 0's shows."""
-    torch.manual_seed(0)
-    model = FCN(FCNConfig("fcn8s", "vgg16_bn", 11, fc_width=16))
-    with torch.no_grad():
-        for layer in (model.score_fr, model.score_pool4, model.score_pool3):
-            layer.weight.normal_(std=0.5)
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    reactive_checkpoint(path, "vgg16_bn", fc_width=16)
     return path
 
 

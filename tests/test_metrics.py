@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cfg
+from conftest import reactive_checkpoint
 from evalution_segmentaion import ConfusionMatrix, metrics_from_confusion
 
 V = cfg.IGNORE_INDEX
@@ -100,15 +101,7 @@ def test_evaluate_counts_every_batch_of_the_split(batch_size):
 
 def perturbed_checkpoint(path):
     """A narrow FCN-8s whose scoring layers are random, so its predictions differ from image to image."""
-    import utils
-    from fcn import FCN, FCNConfig
-    torch.manual_seed(0)
-    model = FCN(FCNConfig("fcn8s", "vgg16", 11, fc_width=8))
-    with torch.no_grad():
-        for layer in (model.score_fr, model.score_pool4, model.score_pool3):
-            layer.weight.normal_(std=0.5)
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
-    return model.eval()
+    return reactive_checkpoint(path, "vgg16", fc_width=8)
 
 
 def test_test_py_scores_every_image_of_the_split(camvid, tmp_path, monkeypatch):
