@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ class Loop:
     clip_grad: float = 0.0
     seed: int = 0
     compile: bool = False  # the model is torch.compile'd: mark the batch dimension dynamic
+    accum_steps: int = 1  # batches per optimizer step
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +63,11 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[t
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy ignoring void, optionally class-weighted and/or with online hard-pixel mining."""
+    """Cross-entropy ignoring void, optionally class-weighted and/or with online hard-pixel mining.
+
+    The loss is a sum over pixels divided by a denominator that depends on the labels alone (the labelled
+    pixels' class weights, or with mining the kept pixels' count), so K accumulated batches that share the
+    denominator of their union give the gradient of one batch K times larger, void pixels or not."""
 
     def __init__(self, weight: torch.Tensor | None = None, ohem_fraction: float = 0.0):
         super().__init__()
@@ -68,36 +75,58 @@ class SegmentationLoss(nn.Module):
         self.ohem_fraction = ohem_fraction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.ohem_fraction <= 0:
-            return F.cross_entropy(logits, labels, weight=self.weight, ignore_index=cfg.IGNORE_INDEX)
+        return self.total(logits, labels) / nonzero(self.denominator(labels))
+
+    def total(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The summed (weighted) per-pixel loss; void pixels add 0."""
         losses = F.cross_entropy(logits, labels, weight=self.weight, ignore_index=cfg.IGNORE_INDEX,
-                                 reduction="none").flatten()
+                                 reduction="none")
+        if self.ohem_fraction <= 0:
+            return losses.sum()
         # Keep the hardest fraction of pixels; topk with a fixed k needs no host sync. Void pixels
-        # have loss 0, so they sort last and are left out of the count.
-        k = max(1, int(losses.numel() * self.ohem_fraction))
-        labelled = (labels != cfg.IGNORE_INDEX).sum().clamp(min=1, max=k)
-        return losses.topk(k).values.sum() / labelled
+        # have loss 0, so they sort last and are left out of the count (see denominator).
+        return losses.flatten().topk(self.kept(labels)).values.sum()
+
+    def denominator(self, labels: torch.Tensor) -> torch.Tensor:
+        """What the mean divides by: the class weights of the labelled pixels (their count when unweighted),
+        with mining the count of kept labelled pixels. 0 for an all-void batch."""
+        labelled = labels != cfg.IGNORE_INDEX
+        if self.ohem_fraction > 0:
+            return labelled.sum().clamp(max=self.kept(labels)).float()
+        if self.weight is None:
+            return labelled.sum().float()
+        # Indexing with a clamped label instead of a boolean mask: no host sync on CUDA
+        return torch.where(labelled, self.weight[labels.clamp(max=len(self.weight) - 1)], 0).sum()
+
+    def kept(self, labels: torch.Tensor) -> int:
+        """How many pixels hard-pixel mining keeps in a batch."""
+        return max(1, int(labels.numel() * self.ohem_fraction))
+
+
+def nonzero(denominator: torch.Tensor) -> torch.Tensor:
+    """A denominator safe to divide by: an all-void batch has a zero loss sum and must add 0, not NaN."""
+    return denominator.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, loss_fn: nn.Module, loop: Loop,
                     epoch: int, done: dict) -> bool:
-    """One pass over the loader; `done` carries steps/loss_sum/count (also across a resume).
-    Returns False when a stop signal cut the epoch short."""
+    """One pass over the loader, an optimizer step per --accum-steps batches; `done` carries the optimizer
+    steps, loss_sum and count (also across a resume). Returns False when a stop signal cut the epoch short."""
     model.train()
     loss_sum = torch.tensor(done["loss_sum"], device=loop.device, dtype=torch.float64)
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.dist.is_main, dynamic_ncols=True)
-    for images, labels in bar:
-        images, labels = to_device(images, labels, loop)
-        torch.manual_seed(step_seed(loop.seed, loop.dist.rank, epoch, done["steps"]))  # dropout masks
-        loss = train_step(model, images, labels, optimizer, scaler, loss_fn, loop)
+    for group in batch_groups(bar, loop.accum_steps):
+        batches = [to_device(images, labels, loop) for images, labels in group]
+        loss = accumulation_step(model, batches, optimizer, scaler, loss_fn, loop, epoch, done["steps"])
         scheduler.step()
-        loss_sum += loss.double() * len(images)
+        loss_sum += loss.double() * sum(len(labels) for _, labels in batches)
         done["steps"] += 1
-        done["count"] += len(images)
+        done["count"] += sum(len(labels) for _, labels in batches)
         if done["steps"] % loop.log_every == 0:  # with the stop agreement below, the only host sync
             check_finite(loss_sum, epoch, done["steps"])
             bar.set_postfix(loss=f"{loss_sum.item() / done['count']:.4f}")
+        # Stops fall between optimizer steps only: no half-accumulated gradient is ever lost
         if loop.stop.agreed(loop.device, loop.dist, done["steps"], loop.log_every):
             break
     else:  # a signal since the last agreement: step 0 makes every rank compare flags once more
@@ -107,21 +136,75 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return not loop.stop.stopping
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, loss_fn: nn.Module, loop: Loop) -> torch.Tensor:
-    """Forward under autocast, backward through the scaler, optional clipping, step; the detached loss."""
+def batch_groups(batches: Iterable, size: int) -> Iterator[list]:
+    """Batches in lists of `size` (the epoch's last list may be shorter): one list per optimizer step."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def accumulation_step(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss_fn: nn.Module,
+                      loop: Loop, epoch: int, step: int) -> torch.Tensor:
+    """One optimizer step on the gradients of several batches; the detached loss of their union.
+    Every batch divides its loss sum by the denominator of the whole group, so batch 2 x 4 steps makes
+    the gradient of batch 8 (BatchNorm aside: its statistics stay per batch)."""
+    denominator = nonzero(sum(loss_fn.denominator(labels) for _, labels in batches))
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=loop.device)
+    for index, (images, labels) in enumerate(batches):
+        # Reseeded per batch (dropout masks): a run resumed at any step draws what an uninterrupted one does
+        torch.manual_seed(step_seed(loop.seed, loop.dist.rank, epoch, step * loop.accum_steps + index))
+        last = index == len(batches) - 1
+        loss += backward(model, images, labels, scaler, loss_fn, loop, denominator, sync=last)
+    optimizer_step(model, optimizer, scaler, loop)
+    return loss
+
+
+def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scaler: torch.amp.GradScaler,
+             loss_fn: nn.Module, loop: Loop, denominator: torch.Tensor, sync: bool = True) -> torch.Tensor:
+    """Forward under autocast and backward through the scaler, adding into .grad; the detached loss share.
+    Under DDP only a `sync` backward all-reduces (then the gradients accumulated so far as well)."""
     if loop.compile:  # compile for any batch size at once: the last, smaller batch must not recompile
         torch._dynamo.maybe_mark_dynamic(images, 0)
-    with utils.autocast(loop.device, loop.amp):
-        loss = loss_fn(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    with gradient_sync(model, sync):
+        with utils.autocast(loop.device, loop.amp):
+            loss = loss_fn.total(model(images), labels) / denominator
+        scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() for a backward that must not all-reduce yet; otherwise nothing."""
+    while not isinstance(model, DistributedDataParallel):
+        model = getattr(model, "_orig_mod", None)  # inside torch.compile's wrapper
+        if not isinstance(model, nn.Module):
+            return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else model.no_sync()
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   loop: Loop) -> None:
+    """Optional clipping (on unscaled gradients), then the step through the scaler."""
     if loop.clip_grad > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), loop.clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach()
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, loss_fn: nn.Module, loop: Loop) -> torch.Tensor:
+    """One batch, one optimizer step (what bench.py times); the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = backward(model, images, labels, scaler, loss_fn, loop, nonzero(loss_fn.denominator(labels)))
+    optimizer_step(model, optimizer, scaler, loop)
+    return loss
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -433,6 +516,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--backbone-lr-mult", type=float, default=1.0, help="lr factor of the VGG features (e.g. 0.1 when fine-tuning)")
     add("--epochs", type=int, default=100)
     add("--batch-size", type=int, default=8, help="per process")
+    add("--accum-steps", type=int, default=1, metavar="K",
+        help="accumulate the gradients of K batches per optimizer step: --batch-size 2 --accum-steps 4 trains "
+             "like batch 8 in a quarter of the activation memory")
     add("--eval-batch-size", type=int, default=8)
     add("--optimizer", default="adam", choices=("adam", "sgd"))
     add("--lr", type=float, default=1e-4)
@@ -500,7 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Bad flags become one clear line."""
-    for flag in ("epochs", "batch_size", "eval_batch_size", "fc_width", "log_every", "step_size", "eval_every"):
+    for flag in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "fc_width", "log_every", "step_size", "eval_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:
@@ -538,14 +624,17 @@ def setup(args: argparse.Namespace) -> Run:
     device = utils.resolve_device(args.device)
     dist_info, device = utils.init_distributed(device)
     loop = Loop(device, utils.amp_dtype(device, args.amp), args.channels_last, dist_info,
-                log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed, compile=bool(args.compile))
+                log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed, compile=bool(args.compile),
+                accum_steps=args.accum_steps)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
     resumed = utils.load_checkpoint(args.out / "last.pth") if args.resume else None
+    if resumed is not None:
+        check_resume(args, resumed["config"].get("train", {}), args.out / "last.pth")
     model = place_model(build_model(args, table, resumed), args, loop)
     train_loader, val_loader = build_loaders(args, table, loop)
     optimizer = build_optimizer(model, args, device)
-    scheduler = build_scheduler(optimizer, args, len(train_loader))
+    scheduler = build_scheduler(optimizer, args, math.ceil(len(train_loader) / args.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=loop.amp == torch.float16)
     loss_fn = build_loss(args, train_loader.dataset, table.num_classes, device)
     run = Run(args, table, model, optimizer, scheduler, scaler, loss_fn, train_loader, val_loader, loop)
@@ -553,6 +642,23 @@ def setup(args: argparse.Namespace) -> Run:
         restore(run, resumed)
     run.model = wrap_model(model, args, loop)
     return run
+
+
+def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
+    """Refuse a --resume whose flags would silently change what last.pth means: the samples per optimizer
+    step (they define the schedule's length and the position inside an epoch) and the backbone's lr factor
+    (it shapes the optimizer's groups and their base lr)."""
+    batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
+    images = batch * accum
+    if args.batch_size * args.accum_steps != images:
+        example = f"--batch-size {images // 2} --accum-steps 2" if images % 2 == 0 else f"--batch-size {images}"
+        raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
+                        f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
+                        f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
+    mult = saved.get("backbone_lr_mult", 1.0)
+    if args.backbone_lr_mult != mult:
+        raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
+                        f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
 
 
 def place_model(model: FCN, args: argparse.Namespace, loop: Loop) -> FCN:
@@ -619,7 +725,7 @@ def fit(run: Run) -> None:
     prepare_out(run)
     for epoch in range(run.start_epoch, args.epochs + 1):
         started = time.perf_counter()
-        run.train_loader.sampler.set_epoch(epoch, skip=run.done["steps"] * args.batch_size)
+        run.train_loader.sampler.set_epoch(epoch, skip=run.done["steps"] * args.batch_size * args.accum_steps)
         finished = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler,
                                    run.loss_fn, loop, epoch, run.done)
         run.done["train_seconds"] += time.perf_counter() - started

@@ -132,6 +132,8 @@ def test_bad_inputs_raise_one_clear_message(trained_run, camvid, tmp_path, keep_
     assert "checkpoint not found" in raises_user_error(run_test, "--data-root", str(camvid),
                                                        "--weights", str(tmp_path / "x.pth"))
     assert "--epochs" in raises_user_error(run_train, "--data-root", str(camvid), "--epochs", "0")
+    assert "--accum-steps: expected a positive integer" in raises_user_error(
+        run_train, "--data-root", str(camvid), "--accum-steps", "0")
     assert "last.pth: checkpoint not found" in raises_user_error(
         run_train, "--data-root", str(camvid), "--out", str(tmp_path / "fresh"), "--resume", "--device", "cpu")
     if not torch.cuda.is_available():

@@ -1,0 +1,128 @@
+"""--accum-steps K: the gradients of K batches per optimizer step equal one batch K times larger (VGG16 without
+BatchNorm, dropout off), whatever the void pixels; the schedule, the logged loss and a mid-epoch resume count
+optimizer steps; a resume that changes the images per step is refused."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMALL_TRAIN, write_camvid
+
+import train
+import utils
+from cfg import UserError
+
+IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """8 train images with 0, 5, 10, ... void rows on top: per-batch means of unequal batches would not
+    add up to the large batch's mean, so only a shared denominator passes."""
+    root = write_camvid(tmp_path_factory.mktemp("accum") / "CamVid", {"train": IMAGES, "val": 2})
+    for index, mask in enumerate(sorted((root / "train_labels").glob("*_L.png"))):
+        pixels = np.array(Image.open(mask))
+        pixels[:5 * index] = 0  # the unlabelled colour
+        Image.fromarray(pixels).save(mask)
+    return root
+
+
+def flags(data: Path, out: Path, *extra: str) -> list[str]:
+    """Full 64x96 images (void stripe and void rows included), no augmentation, plain SGD."""
+    return ["--data-root", str(data), "--out", str(out), *SMALL_TRAIN, "--crop-size", "64", "96",
+            "--optimizer", "sgd", "--momentum", "0", "--lr", "0.01", "--save-every", "0", *extra]
+
+
+def one_epoch(data: Path, out: Path, batch: int, accum: int, *extra: str) -> train.Run:
+    """Set up a run, switch dropout off (its masks depend on the batch shape) and train epoch 1."""
+    run = train.setup(train.parse_args(flags(data, out, "--batch-size", str(batch), "--accum-steps", str(accum),
+                                             *extra)))
+    for module in run.model.modules():
+        if isinstance(module, torch.nn.Dropout2d):
+            module.p = 0.0
+    train.train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler, run.loss_fn,
+                          run.loop, 1, run.done)
+    return run
+
+
+def gradients(run: train.Run) -> dict[str, torch.Tensor]:
+    """The gradients the last optimizer step used (zeroed only at the start of the next step)."""
+    return {name: p.grad.clone() for name, p in train.unwrap(run.model).named_parameters()}
+
+
+@pytest.mark.parametrize("extra", [(), ("--class-weights", "median-freq")], ids=["plain", "class-weights"])
+@pytest.mark.parametrize("batch, accum", [(2, 4), (3, 3)])  # 3 x 3: batches of 3, 3 and 2 in one step
+def test_accumulated_gradients_equal_one_large_batch(data, tmp_path, batch, accum, extra):
+    large = one_epoch(data, tmp_path / "large", IMAGES, 1, *extra)
+    small = one_epoch(data, tmp_path / "small", batch, accum, *extra)
+    assert len(small.train_loader) == math.ceil(IMAGES / batch) > 1
+    assert small.done["steps"] == large.done["steps"] == 1 and small.scheduler.last_epoch == 1
+    expected, got = gradients(large), gradients(small)
+    scale = max(g.abs().max() for g in expected.values())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+    # The logged train loss is the mean over the step's labelled pixels either way
+    assert small.done["loss_sum"] == pytest.approx(large.done["loss_sum"], rel=1e-5)
+
+
+def test_schedule_and_progress_count_optimizer_steps(data, tmp_path):
+    run = one_epoch(data, tmp_path, 2, 3, "--schedule", "poly", "--epochs", "1")  # 4 batches: steps of 3 and 1
+    assert run.done["steps"] == 2 and run.done["count"] == IMAGES
+    assert run.scheduler.last_epoch == 2
+    assert run.optimizer.param_groups[0]["lr"] == 0.0  # the poly schedule ends with the epoch's last step
+
+
+def test_an_all_void_batch_adds_nothing():
+    loss = train.SegmentationLoss()
+    logits, labels = torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)
+    assert loss(logits, labels).item() == 0.0  # not NaN: the run goes on
+
+
+def fit_in_process(args: list[str], monkeypatch, stop_after: int | None = None) -> None:
+    """train.fit without signal handlers in the test process; optionally a stop request after N optimizer steps."""
+    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
+    run = train.setup(train.parse_args(args))
+    if stop_after is not None:
+        step, steps = train.optimizer_step, []
+
+        def counting_step(*a, **k):
+            step(*a, **k)
+            steps.append(1)
+            run.loop.stop.requested = len(steps) >= stop_after
+        monkeypatch.setattr(train, "optimizer_step", counting_step)
+    try:
+        train.fit(run)
+    finally:
+        monkeypatch.undo()
+
+
+def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    common = ["--batch-size", "2", "--accum-steps", "2", "--epochs", "2", "--seed", "5"]  # 2 steps an epoch
+    fit_in_process(flags(data, tmp_path / "whole", *common), monkeypatch)
+    fit_in_process(flags(data, tmp_path / "cut", *common), monkeypatch, stop_after=3)  # in epoch 2
+    saved = utils.load_checkpoint(tmp_path / "cut" / "last.pth")
+    assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 1
+    fit_in_process(flags(data, tmp_path / "cut", *common, "--resume"), monkeypatch)
+    whole, cut = utils.load_checkpoint(tmp_path / "whole" / "last.pth"), utils.load_checkpoint(tmp_path / "cut" / "last.pth")
+    assert cut["epoch"] == 2 and cut["scheduler"]["last_epoch"] == whole["scheduler"]["last_epoch"] == 4
+    assert [row["train_loss"] for row in cut["history"]] == [row["train_loss"] for row in whole["history"]]
+    for name, tensor in whole["model"].items():
+        assert torch.equal(cut["model"][name], tensor), name
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--batch-size", "2", "--accum-steps", "1"], "trained with 4 images per optimizer step per process"),
+    (["--backbone-lr-mult", "0.1"], "trained with --backbone-lr-mult 1.0"),
+])
+def test_resume_refuses_a_change_of_what_last_pth_means(data, tmp_path, monkeypatch, change, message):
+    fit_in_process(flags(data, tmp_path, "--batch-size", "2", "--accum-steps", "2", "--epochs", "1"), monkeypatch)
+    resume = flags(data, tmp_path, "--batch-size", "2", "--accum-steps", "2", "--epochs", "2", "--resume")
+    with pytest.raises(UserError, match=message):
+        train.setup(train.parse_args(resume + change))
+    # The same images per step in another shape is accepted (e.g. after moving to a larger GPU)
+    train.setup(train.parse_args(resume + ["--batch-size", "4", "--accum-steps", "1"]))
