@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cfg
+import inference
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
                      check_data_root, label_cache_from_args, normalize_batch)
-from evalution_segmentaion import ConfusionMatrix
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
 from transforms import eval_transform, train_transform
 import utils
@@ -220,25 +220,10 @@ def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch} by step {step}")
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, loop: Loop) -> dict:
-    """Metrics from one confusion matrix over the whole split, plus the mean per-pixel loss."""
-    model.eval()
-    confusion = ConfusionMatrix(num_classes, loop.device)
-    loss_sum = torch.zeros(2, device=loop.device, dtype=torch.float64)  # summed loss, labelled pixels
-    for images, labels in loader:
-        images, labels = to_device(images, labels, loop)
-        with utils.autocast(loop.device, loop.amp):
-            logits = model(images)
-        loss_sum[0] += F.cross_entropy(logits.float(), labels, ignore_index=cfg.IGNORE_INDEX, reduction="sum")
-        loss_sum[1] += (labels != cfg.IGNORE_INDEX).sum()
-        confusion.update(logits.argmax(1), labels)
-    confusion.all_reduce()
-    if loop.dist.enabled:
-        torch.distributed.all_reduce(loss_sum)
-    metrics = confusion.compute()
-    metrics["loss"] = (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
-    return metrics
+    """Val metrics through the project's one inference path, the one test.py scores with: a confusion matrix
+    over the whole split, the mean per-pixel loss."""
+    return inference.evaluate(model, loader, num_classes, loop.device, loop.amp, loop.channels_last)
 
 
 def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Path | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from conftest import SMALL_TRAIN, write_camvid
 
@@ -126,3 +127,29 @@ def test_resume_refuses_a_change_of_what_last_pth_means(data, tmp_path, monkeypa
         train.setup(train.parse_args(resume + change))
     # The same images per step in another shape is accepted (e.g. after moving to a larger GPU)
     train.setup(train.parse_args(resume + ["--batch-size", "4", "--accum-steps", "1"]))
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
+    """Under DDP the batches of a step but the last run under no_sync (found inside torch.compile's wrapper
+    too), so the gradients are all-reduced once per optimizer step, not once per batch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Conv2d(3, 4, 1))
+        reductions = []
+
+        def counting_allreduce(state, bucket):
+            reductions.append(1)
+            return default_hooks.allreduce_hook(state, bucket)
+        ddp.register_comm_hook(None, counting_allreduce)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        loop = train.Loop(torch.device("cpu"), None, False, accum_steps=3)
+        batches = [(torch.randn(2, 3, 4, 4), torch.randint(0, 4, (2, 4, 4))) for _ in range(3)]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train.accumulation_step(ddp, batches, optimizer, scaler, train.SegmentationLoss(), loop, epoch=1, step=0)
+        assert len(reductions) == 1  # one bucket, reduced once
+        compiled = torch.nn.Module()
+        compiled._orig_mod = ddp  # the attribute torch.compile's OptimizedModule keeps the original in
+        with train.gradient_sync(compiled, sync=False):
+            assert not ddp.require_backward_grad_sync
+    finally:
+        torch.distributed.destroy_process_group()
