@@ -604,7 +604,4 @@ def bench_onnx(plan: Plan, modes: dict[str, Mode], device: torch.device, table: 
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as error:
-        utils.fail(str(error))
+    utils.run_script(lambda: main(get_args_parser().parse_args()))

@@ -314,7 +314,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as error:
-        utils.fail(str(error))
+    utils.run_script(lambda: main(get_args_parser().parse_args()))

@@ -123,7 +123,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except UserError as error:
-        utils.fail(str(error))
+    utils.run_script(lambda: main(get_args_parser().parse_args()))

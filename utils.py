@@ -225,6 +225,14 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def run_script(main: Callable[[], object]) -> None:
+    """A script's entry point: a UserError (bad flag, file or data) becomes one `error: ...` line and exit 2."""
+    try:
+        main()
+    except UserError as error:
+        fail(str(error))
+
+
 def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
     """results.json of a run: the best val epoch's metrics and how the run was made."""
     best = max((row for row in history if row["val_miou"] is not None), key=lambda row: row["val_miou"])
