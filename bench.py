@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
 import cfg
+import inference
 import train
 import utils
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
-                     label_cache_from_args, normalize_batch)
+                     label_cache_from_args)
 from fcn import FCN, FCNConfig
 from transforms import Compose, eval_transform, train_transform
 
@@ -316,13 +317,14 @@ def train_step(model: torch.nn.Module, mode: Mode, device: torch.device,
 
 
 def infer_call(model: torch.nn.Module, mode: Mode, device: torch.device, images: torch.Tensor) -> Callable[[], None]:
-    """One evaluate() forward: normalise, model under autocast, argmax."""
+    """One batch through inference.Runner, the path test.py and predict.py take: normalise, model under
+    autocast, float logits, argmax."""
     images = images.to(device)
+    runner = inference.Runner(model, device, mode.amp, mode.channels_last)
 
     def call() -> None:
         torch.backends.cudnn.benchmark = mode.cudnn_benchmark
-        with torch.inference_mode(), utils.autocast(device, mode.amp):
-            model(normalize_batch(images, mode.channels_last)).argmax(1)
+        runner.labels(images)
     return call
 
 
