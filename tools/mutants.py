@@ -38,11 +38,12 @@ class Mutant:
 
 DATA, METRICS, RECIPE = ("tests/test_data.py",), ("tests/test_metrics.py",), ("tests/test_recipe.py",)
 RESUME = ("tests/test_resume_equality.py",)
+ACCUM = ("tests/test_accumulation.py",)
 MUTANTS = [
     # metrics
-    Mutant("evaluate-keeps-last-batch", "train.py", "        confusion.update(logits.argmax(1), labels)\n",
-           "        confusion = ConfusionMatrix(num_classes, loop.device)\n"
-           "        confusion.update(logits.argmax(1), labels)\n", METRICS),
+    Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(scores.argmax(1), labels)\n",
+           "        confusion = ConfusionMatrix(num_classes, device)\n"
+           "        confusion.update(scores.argmax(1), labels)\n", METRICS),
     Mutant("confusion-transposed", "evalution_segmentaion.py", "target * n + prediction", "prediction * n + target",
            METRICS),
     Mutant("iou-union-double-counts", "evalution_segmentaion.py",
@@ -56,8 +57,8 @@ MUTANTS = [
     Mutant("val-loader-drops-last-batch", "train.py", "DataLoader(val_set, args.eval_batch_size, sampler",
            "DataLoader(val_set, args.eval_batch_size, drop_last=True, sampler",
            ("tests/test_distributed.py", "-k", "gloo")),
-    Mutant("test-py-crop-ignored", "test.py", "eval_transform(cfg.CROP_SIZE if args.crop else None)",
-           "eval_transform(None)", METRICS),
+    Mutant("test-py-crop-ignored", "test.py", "eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)",
+           "eval_transform(None, args.downscale)", METRICS),
     # label encoding
     Mutant("hash-channels-swapped", "dataset.py", "return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]",
            "return (rgb[..., 2] << 16) | (rgb[..., 1] << 8) | rgb[..., 0]", DATA),
@@ -69,12 +70,13 @@ MUTANTS = [
            "labels = np.concatenate([np.arange(1, self.num_classes + 1),", DATA),
     # pairing
     Mutant("pair-by-sorted-position", "dataset.py",
-           "return [(stem, images[stem], masks[stem]) for stem in sorted(images)]",
-           "return [(stem, images[stem], mask) for stem, mask in zip(sorted(images), sorted(masks.values()))]", DATA),
+           "return [(stem, images[stem], masks[stem]) for stem in sorted(images.keys() & masks.keys())], problems",
+           "return [(stem, images[stem], mask) for stem, mask in zip(sorted(images.keys() & masks.keys()), "
+           "sorted(masks[s] for s in images.keys() & masks.keys()))], problems", DATA),
     Mutant("duplicate-stem-silent", "dataset.py", "        if path.stem in found:\n",
            "        if False:\n", DATA),
-    Mutant("mask-suffix-unchecked", "dataset.py", "        if not stem.endswith(cfg.MASK_SUFFIX):\n",
-           "        if False:\n", DATA),
+    Mutant("mask-suffix-unchecked", "dataset.py", "        if stem.endswith(cfg.MASK_SUFFIX):\n",
+           "        if True:\n", DATA),
     # transforms
     Mutant("mask-resized-bilinear", "transforms.py", "mask = TF.resize(mask[None], size, InterpolationMode.NEAREST)[0]",
            "mask = TF.resize(mask[None], size, InterpolationMode.BILINEAR)[0]", DATA),
@@ -102,19 +104,31 @@ MUTANTS = [
     Mutant("poly-power-1", "train.py", "/ max(1, total - warmup)) ** 0.9", "/ max(1, total - warmup)) ** 1.0",
            RECIPE),
     Mutant("warmup-starts-at-0", "train.py", "return (step + 1) / warmup", "return step / warmup", RECIPE),
-    Mutant("weight-decay-ignored", "train.py", '{"params": decay, "weight_decay": weight_decay}',
-           '{"params": decay, "weight_decay": 0.0}', RECIPE),
+    Mutant("weight-decay-ignored", "train.py", '"weight_decay": weight_decay if decay else 0.0}',
+           '"weight_decay": 0.0}', RECIPE),
     Mutant("clip-grad-ignored", "train.py", "    if loop.clip_grad > 0:\n", "    if loop.clip_grad < 0:\n", RECIPE),
     Mutant("ohem-ignored", "train.py", "        if self.ohem_fraction <= 0:\n", "        if True:\n", RECIPE),
-    Mutant("ohem-divides-by-k", "train.py", "labelled = (labels != cfg.IGNORE_INDEX).sum().clamp(min=1, max=k)",
-           "labelled = k", RECIPE),
+    Mutant("ohem-divides-by-k", "train.py", "return labelled.sum().clamp(max=self.kept(labels)).float()",
+           "return torch.tensor(float(self.kept(labels)))", RECIPE),
     Mutant("median-freq-labelled-pixels-only", "train.py", "image_pixels += (counts > 0) * labels.numel()",
            "image_pixels += (counts > 0) * counts.sum()", RECIPE),
-    Mutant("init-from-randomises-upsamplers", "train.py", "    model.load_state_dict(shared, strict=False)\n",
-           "    model.load_state_dict(shared, strict=False)\n"
+    Mutant("init-from-randomises-upsamplers", "train.py", "                          strict=False)\n",
+           "                          strict=False)\n"
            "    for layer in model.modules():\n"
            "        if isinstance(layer, nn.ConvTranspose2d):\n"
            "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
+    # gradient accumulation
+    Mutant("accum-per-batch-mean", "train.py", "loss = loss_fn.total(model(images), labels) / denominator",
+           "loss = loss_fn(model(images), labels) / loop.accum_steps", ACCUM),
+    Mutant("accum-resume-skips-batches-not-steps", "train.py",
+           'skip=run.done["steps"] * args.batch_size * args.accum_steps', 'skip=run.done["steps"] * args.batch_size',
+           ACCUM),
+    Mutant("accum-schedule-counts-batches", "train.py", "math.ceil(len(train_loader) / args.accum_steps)",
+           "len(train_loader)", ACCUM),
+    Mutant("accum-all-reduce-every-batch", "train.py", "sync=last)", "sync=True)", ACCUM),
+    Mutant("accum-never-all-reduce", "train.py", "sync=last)", "sync=False)", ACCUM),
+    Mutant("resume-any-batch-product", "train.py", "    if args.batch_size * args.accum_steps != images:\n",
+           "    if False:\n", ACCUM),
     Mutant("recipe-key-misspelt", "train.py", "warmup_epochs=5,", "warmup_epoch=5,", RECIPE),
     Mutant("scale-flag-dropped", "transforms.py", "        steps.append(RandomScale(*scale))\n", "        pass\n",
            DATA + RECIPE),
