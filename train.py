@@ -120,9 +120,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         batches = [to_device(images, labels, loop) for images, labels in group]
         loss = accumulation_step(model, batches, optimizer, scaler, loss_fn, loop, epoch, done["steps"])
         scheduler.step()
-        loss_sum += loss.double() * sum(len(labels) for _, labels in batches)
+        images_in_step = sum(len(labels) for _, labels in batches)
+        loss_sum += loss.double() * images_in_step
         done["steps"] += 1
-        done["count"] += sum(len(labels) for _, labels in batches)
+        done["count"] += images_in_step
         if done["steps"] % loop.log_every == 0:  # with the stop agreement below, the only host sync
             check_finite(loss_sum, epoch, done["steps"])
             bar.set_postfix(loss=f"{loss_sum.item() / done['count']:.4f}")
