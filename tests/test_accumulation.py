@@ -116,17 +116,27 @@ def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, t
         assert torch.equal(cut["model"][name], tensor), name
 
 
+@pytest.fixture(scope="module")
+def accumulated_run(data, tmp_path_factory) -> list[str]:
+    """A finished 1-epoch run with batch 2 x 2; the flags that resume it."""
+    out = tmp_path_factory.mktemp("accumulated")
+    with pytest.MonkeyPatch.context() as patch:
+        fit_in_process(flags(data, out, "--batch-size", "2", "--accum-steps", "2", "--epochs", "1"), patch)
+    return flags(data, out, "--batch-size", "2", "--accum-steps", "2", "--epochs", "2", "--resume")
+
+
 @pytest.mark.parametrize("change, message", [
     (["--batch-size", "2", "--accum-steps", "1"], "trained with 4 images per optimizer step per process"),
     (["--backbone-lr-mult", "0.1"], "trained with --backbone-lr-mult 1.0"),
 ])
-def test_resume_refuses_a_change_of_what_last_pth_means(data, tmp_path, monkeypatch, change, message):
-    fit_in_process(flags(data, tmp_path, "--batch-size", "2", "--accum-steps", "2", "--epochs", "1"), monkeypatch)
-    resume = flags(data, tmp_path, "--batch-size", "2", "--accum-steps", "2", "--epochs", "2", "--resume")
+def test_resume_refuses_a_change_of_what_last_pth_means(accumulated_run, change, message):
     with pytest.raises(UserError, match=message):
-        train.setup(train.parse_args(resume + change))
-    # The same images per step in another shape is accepted (e.g. after moving to a larger GPU)
-    train.setup(train.parse_args(resume + ["--batch-size", "4", "--accum-steps", "1"]))
+        train.setup(train.parse_args(accumulated_run + change))
+
+
+def test_resume_accepts_the_same_images_per_step_in_another_shape(accumulated_run):
+    run = train.setup(train.parse_args(accumulated_run + ["--batch-size", "4", "--accum-steps", "1"]))
+    assert run.start_epoch == 2  # e.g. after moving to a GPU that holds batch 4
 
 
 def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
