@@ -90,31 +90,16 @@ def test_pairs_by_stem_not_by_sorted_position(tmp_path):
     assert [dataset[i][1].unique().tolist() for i in range(2)] == [[3], [8]]
 
 
-def test_duplicate_stem_is_an_error_naming_both_files(tmp_path):
+@pytest.mark.parametrize("stray, message", [
+    ("train/a.jpg", r"a\.png: stem 'a' also used by a\.jpg"),  # a second photo for stem a
+    ("train_labels/b.png", r"b\.png: mask name must end in '_L'"),
+    ("train/lonely.jpg", r"lonely\.jpg: no mask lonely_L\.png"),
+    ("train_labels/orphan_L.png", r"orphan_L\.png: no image orphan"),
+], ids=["duplicate-stem", "mask-without-_L", "image-without-mask", "mask-without-image"])
+def test_pairing_problems_are_errors_naming_the_file(tmp_path, stray, message):
     write_pair(tmp_path, "a", extension=".png")
-    Image.new("RGB", (10, 8)).save(tmp_path / "train" / "a.jpg")
-    with pytest.raises(UserError, match=r"a\.png: stem 'a' also used by a\.jpg"):
-        find_pairs(tmp_path, "train")
-
-
-def test_mask_without_l_suffix_is_an_error(tmp_path):
-    write_pair(tmp_path, "a")
-    Image.new("RGB", (10, 8)).save(tmp_path / "train_labels" / "b.png")
-    with pytest.raises(UserError, match=r"b\.png: mask name must end in '_L'"):
-        find_pairs(tmp_path, "train")
-
-
-def test_missing_mask_names_the_image(tmp_path):
-    write_pair(tmp_path, "a")
-    Image.new("RGB", (4, 4)).save(tmp_path / "train" / "lonely.jpg")
-    with pytest.raises(UserError, match=r"lonely\.jpg: no mask lonely_L\.png"):
-        find_pairs(tmp_path, "train")
-
-
-def test_missing_image_names_the_mask(tmp_path):
-    write_pair(tmp_path, "a")
-    Image.new("RGB", (4, 4)).save(tmp_path / "train_labels" / "orphan_L.png")
-    with pytest.raises(UserError, match=r"orphan_L\.png: no image orphan"):
+    Image.new("RGB", (10, 8)).save(tmp_path / stray)
+    with pytest.raises(UserError, match=message):
         find_pairs(tmp_path, "train")
 
 
