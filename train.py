@@ -740,7 +740,9 @@ def stop(run: Run, epoch: int) -> None:
     """After a stop signal: save the partial epoch (rank 0) and say how to resume."""
     if run.loop.dist.is_main:
         save_checkpoints(run, epoch - 1)
-        print(f"{run.loop.stop.signal_name}: stopped in epoch {epoch} after step {run.done['steps']}; "
+        steps = run.done["steps"]
+        batches = f" ({steps * run.args.accum_steps} batches)" if run.args.accum_steps > 1 else ""
+        print(f"{run.loop.stop.signal_name}: stopped in epoch {epoch} after step {steps}{batches}; "
               f"saved {run.args.out / 'last.pth'}. Resume with the same command plus --resume.")
 
 

@@ -102,10 +102,11 @@ def fit_in_process(args: list[str], monkeypatch, stop_after: int | None = None) 
         monkeypatch.undo()
 
 
-def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, capsys):
     common = ["--batch-size", "2", "--accum-steps", "2", "--epochs", "2", "--seed", "5"]  # 2 steps an epoch
     fit_in_process(flags(data, tmp_path / "whole", *common), monkeypatch)
     fit_in_process(flags(data, tmp_path / "cut", *common), monkeypatch, stop_after=3)  # in epoch 2
+    assert "stopped in epoch 2 after step 1 (2 batches)" in capsys.readouterr().out
     saved = utils.load_checkpoint(tmp_path / "cut" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 1
     fit_in_process(flags(data, tmp_path / "cut", *common, "--resume"), monkeypatch)
