@@ -182,11 +182,8 @@ def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scale
 
 def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """DDP's no_sync() for a backward that must not all-reduce yet; otherwise nothing."""
-    while not isinstance(model, DistributedDataParallel):
-        model = getattr(model, "_orig_mod", None)  # inside torch.compile's wrapper
-        if not isinstance(model, nn.Module):
-            return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else model.no_sync()
+    ddp = next((layer for layer in wrappers(model) if isinstance(layer, DistributedDataParallel)), None)
+    return ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext()
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -475,15 +472,22 @@ def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
-def unwrap(model: nn.Module) -> FCN:
-    """The FCN inside DDP and/or torch.compile wrappers, nested in any order."""
+def wrappers(model: nn.Module) -> Iterator[nn.Module]:
+    """The model, then each module it wraps (DDP and/or torch.compile, nested in any order), the FCN last."""
     while True:
+        yield model
         if isinstance(model, DistributedDataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod  # (tested by attribute: importing torch._dynamo costs seconds)
         else:
-            return model
+            return
+
+
+def unwrap(model: nn.Module) -> FCN:
+    """The FCN inside DDP and/or torch.compile wrappers."""
+    *_, inner = wrappers(model)
+    return inner
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -572,7 +576,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Bad flags become one clear line."""
-    for flag in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "fc_width", "log_every", "step_size", "eval_every"):
+    for flag in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "fc_width", "log_every", "step_size",
+                 "eval_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:
