@@ -413,8 +413,7 @@ def save_val_samples(model: nn.Module, dataset: CamVidDataset, table: ClassTable
     images, labels = zip(*(dataset[i] for i in picks))
     images, labels = torch.stack(images), torch.stack(labels)
     model.eval()
-    with torch.inference_mode(), utils.autocast(loop.device, loop.amp):
-        prediction = model(normalize_batch(images.to(loop.device), loop.channels_last)).argmax(1)
+    prediction = inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
     grid = utils.sample_grid(images, labels, prediction, table)
     utils.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
