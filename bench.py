@@ -30,7 +30,7 @@ import train
 import utils
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
-                     label_cache_from_args)
+                     label_cache_from_args, resolve_class_dict)
 from fcn import FCN, FCNConfig
 from transforms import Compose, eval_transform, train_transform
 
@@ -540,7 +540,7 @@ def main(args: argparse.Namespace) -> dict:
     check_data_root(args.data_root)
     if args.json and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} not found")
-    table = ClassTable.from_csv(train.resolve_class_dict(args.data_root, None))
+    table = ClassTable.from_csv(resolve_class_dict(args.data_root))
     modes = {"eager": Mode("eager"), "fast": fast_mode(args, device)}
     result = run_info(args, plan, device, modes)
     result.update(measure_data(args.data_root, table, plan, device, label_cache_from_args(args)))

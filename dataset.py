@@ -587,8 +587,10 @@ def download_camvid(destination: str | Path, url: str = SEGNET_ARCHIVE_URL) -> d
         return convert_index_release(source, destination, table)
 
 
-def default_class_dict(root: str | Path) -> Path:
-    """The dataset's own class_dict.csv, else the copy in data/."""
+def resolve_class_dict(root: str | Path, class_dict: str | Path | None = None) -> Path:
+    """--class-dict, else the dataset's own class_dict.csv, else the copy in data/."""
+    if class_dict:
+        return Path(class_dict)
     own = Path(root) / "class_dict.csv"
     return own if own.is_file() else cfg.DEFAULT_CLASS_DICT
 
@@ -615,7 +617,7 @@ def main(args: argparse.Namespace) -> None:
             raise UserError("--from: only with --download")
         if args.workers < 1:
             raise UserError(f"--workers: expected a positive integer, got {args.workers}")
-        problems = check_dataset(args.check, args.class_dict or default_class_dict(args.check), args.workers)
+        problems = check_dataset(args.check, resolve_class_dict(args.check, args.class_dict), args.workers)
         for line in problems:
             print(line, file=sys.stderr)
         if problems:

@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 import cfg
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable, add_label_cache_args, check_data_root, label_cache_from_args
+from dataset import (CamVidDataset, ClassTable, add_label_cache_args, check_data_root, label_cache_from_args,
+                     resolve_class_dict)
 import inference
-from train import resolve_class_dict
 from transforms import eval_transform
 import utils
 

@@ -23,7 +23,8 @@ import cfg
 import inference
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
-                     check_data_root, label_cache_from_args, normalize_batch)
+                     check_data_root, label_cache_from_args, normalize_batch,
+                     resolve_class_dict)
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
 from transforms import eval_transform, train_transform
 import utils
@@ -596,14 +597,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.save_every < 0:
         raise UserError(f"--save-every: expected seconds >= 0 (0: every epoch), got {args.save_every}")
     check_data_root(args.data_root)
-
-
-def resolve_class_dict(data_root: str, class_dict: str | None) -> Path:
-    """--class-dict, else the dataset's own class_dict.csv, else the copy in data/."""
-    if class_dict:
-        return Path(class_dict)
-    own = Path(data_root) / "class_dict.csv"
-    return own if own.is_file() else cfg.DEFAULT_CLASS_DICT
 
 
 def setup(args: argparse.Namespace) -> Run:
