@@ -85,6 +85,19 @@ class ClassTable:
         extra[first_row] = False
         return cls(classes, real[first_row], rgb[is_void], real[extra], labels[extra])
 
+    def to_dict(self) -> dict:
+        """Plain lists for a checkpoint (loadable with weights_only=True)."""
+        return {"names": list(self.names), "colors": self.colors.tolist(), "void_colors": self.void_colors.tolist(),
+                "extra_colors": self.extra_colors.tolist(), "extra_labels": self.extra_labels.tolist()}
+
+    @classmethod
+    def from_dict(cls, table: dict) -> "ClassTable":
+        """The table a checkpoint carries (to_dict's output)."""
+        def colors(key: str) -> np.ndarray:
+            return np.asarray(table.get(key, []), np.uint8).reshape(-1, 3)
+        return cls(tuple(table["names"]), colors("colors"), colors("void_colors"), colors("extra_colors"),
+                   np.asarray(table.get("extra_labels", []), np.int64))
+
     def lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted colour hashes and the label of each (class index or the ignore index)."""
         hashes = np.concatenate([color_hash(c) for c in (self.colors, self.extra_colors, self.void_colors)])

@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--weights", required=True, type=Path, help="checkpoint written by train.py (best.pth)")
     add("--out", type=Path, help="ONNX file to write (default: the checkpoint's path with .onnx)")
-    add("--class-dict", default=str(cfg.DEFAULT_CLASS_DICT), help="class names and colours stored in the metadata")
+    add("--class-dict", help="override the checkpoint's class colours stored in the metadata (same class names)")
     add("--exporter", default="dynamo", choices=EXPORTERS,
         help="torch.export-based exporter (default), or the legacy TorchScript tracer")
     add("--opset", type=int, default=OPSET, help="ONNX opset (below 18 only with --exporter torchscript)")
@@ -53,14 +53,9 @@ def require_export_modules(exporter: str) -> None:
     onnx_backend.import_onnxruntime()
 
 
-def checked_table(state: dict, class_dict: str) -> ClassTable:
-    """The --class-dict table; its class names must be the ones the checkpoint was trained with."""
-    table = ClassTable.from_csv(class_dict)
-    trained = state.get("class_names")
-    if trained is not None and tuple(trained) != table.names:
-        raise UserError(f"--class-dict {class_dict}: classes {', '.join(table.names)} differ from the "
-                        f"checkpoint's {', '.join(trained)}")
-    return table
+def checked_table(state: dict, class_dict: str | None, weights: Path) -> ClassTable:
+    """The checkpoint's class table, or --class-dict with the same class names."""
+    return utils.trained_table(utils.saved_table(state), class_dict, cfg.DEFAULT_CLASS_DICT, weights)
 
 
 def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str) -> dict[str, str]:
@@ -167,7 +162,7 @@ def main(args: argparse.Namespace) -> Path:
         raise UserError(f"--out {out}: expected a file name in an existing folder")
     require_export_modules(args.exporter)
     state = utils.load_checkpoint(args.weights)
-    table = checked_table(state, args.class_dict)
+    table = checked_table(state, args.class_dict, args.weights)
     model = utils.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.

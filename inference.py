@@ -17,13 +17,19 @@ from dataset import ClassTable, normalize_batch
 from evalution_segmentaion import ConfusionMatrix
 
 
-def load_model(weights: str | Path, table: ClassTable, device: torch.device) -> nn.Module:
-    """A .pth checkpoint or an exported .onnx model, on the device, in eval mode."""
+def load_model(weights: str | Path, class_dict: str | Path | None, device: torch.device,
+               fallback: str | Path = cfg.DEFAULT_CLASS_DICT) -> tuple[nn.Module, ClassTable]:
+    """A .pth checkpoint or an exported .onnx model (on the device, in eval mode) and the class table it was
+    trained with; --class-dict only overrides that table's colours (see utils.trained_table)."""
     if Path(weights).suffix.lower() == ".onnx":
         import onnx_backend  # onnxruntime is an optional install (requirements-export.txt)
-        return onnx_backend.load_onnx(weights, table, device)
-    model = utils.model_from_checkpoint(utils.load_checkpoint(weights), table, weights)
-    return model.to(device).eval()
+        model = onnx_backend.load_onnx(weights, None, device)
+        table = utils.trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
+        onnx_backend.check_classes(model, table, weights)
+        return model, table
+    state = utils.load_checkpoint(weights)
+    table = utils.trained_table(utils.saved_table(state), class_dict, fallback, weights)
+    return utils.model_from_checkpoint(state, table, weights).to(device).eval(), table
 
 
 @dataclass(frozen=True)

@@ -83,8 +83,27 @@ def graph_classes(session, metadata: dict[str, str], path: Path) -> int:
         return channels
 
 
-def load_onnx(path: str | Path, table: ClassTable, device: torch.device) -> OnnxModel:
-    """Open an export.py graph in ONNX Runtime and check it predicts the table's classes."""
+def metadata_table(metadata: dict[str, str]) -> dict | None:
+    """The class table export.py stored in the metadata (None for a graph without class names)."""
+    try:
+        table = {"names": json.loads(metadata["class_names"])}
+    except (KeyError, ValueError):
+        return None
+    for key, entry in (("colors", "class_colors"), ("void_colors", "void_colors")):
+        if entry in metadata:
+            table[key] = json.loads(metadata[entry])
+    return table
+
+
+def check_classes(model: "OnnxModel", table: ClassTable, path: str | Path) -> None:
+    """The graph must predict as many classes as the table has."""
+    if model.num_classes != table.num_classes:
+        raise UserError(f"{path}: ONNX model predicts {model.num_classes} classes but the class table has "
+                        f"{table.num_classes}")
+
+
+def load_onnx(path: str | Path, table: ClassTable | None, device: torch.device) -> OnnxModel:
+    """Open an export.py graph in ONNX Runtime and check it predicts the table's classes (if one is given)."""
     ort = import_onnxruntime()
     path = Path(path)
     if not path.is_file():
@@ -97,7 +116,7 @@ def load_onnx(path: str | Path, table: ClassTable, device: torch.device) -> Onnx
     except session_errors(ort) as exc:
         raise UserError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0]})") from exc
     metadata = session.get_modelmeta().custom_metadata_map
-    classes = graph_classes(session, metadata, path)
-    if classes != table.num_classes:
-        raise UserError(f"{path}: ONNX model predicts {classes} classes but the class table has {table.num_classes}")
-    return OnnxModel(session, classes, metadata)
+    model = OnnxModel(session, graph_classes(session, metadata, path), metadata)
+    if table is not None:
+        check_classes(model, table, path)
+    return model

@@ -38,11 +38,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
     add("--scale", type=float, default=1.0, help="run the model on frames resized by this factor (e.g. 0.33 for 1080p)")
-    add("--class-dict", default=str(cfg.DEFAULT_CLASS_DICT), help="class colours")
+    add("--class-dict", help="override the checkpoint's class colours with this class_dict.csv (same class names); "
+        "default: the checkpoint's own table")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--batch-size", type=int, default=8, help="images of one size per forward pass")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes decoding images")
-    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     return parser
 
@@ -287,16 +289,15 @@ def main(args: argparse.Namespace) -> int:
     """Returns how many images and video frames were predicted."""
     if args.batch_size < 1 or args.workers < 0:
         raise UserError("--batch-size must be positive and --workers not negative")
-    table = ClassTable.from_csv(args.class_dict)
-    if args.format != "color" and table.num_classes > 256:
-        raise UserError(f"--format {args.format}: 8-bit index PNGs hold at most 256 classes, the table has "
-                        f"{table.num_classes}")
     jobs = gather_inputs(args.input)
     check_outputs(jobs, args)
     if any(is_video(source) for source, _ in jobs):
         import_av()  # fail before the model loads
     device = utils.resolve_device(args.device)
-    model = inference.load_model(args.weights, table, device)
+    model, table = inference.load_model(args.weights, args.class_dict, device)
+    if args.format != "color" and table.num_classes > 256:
+        raise UserError(f"--format {args.format}: 8-bit index PNGs hold at most 256 classes, the table has "
+                        f"{table.num_classes}")
     runner = inference.Runner(model, device, utils.amp_dtype(device, args.amp), args.channels_last, args.scale,
                               inference.parse_tta(args.tta))
     start = time.perf_counter()

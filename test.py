@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import cfg
 from cfg import UserError
-from dataset import (CamVidDataset, ClassTable, add_label_cache_args, check_data_root, label_cache_from_args,
+from dataset import (CamVidDataset, add_label_cache_args, check_data_root, label_cache_from_args,
                      resolve_class_dict)
 import inference
 from transforms import eval_transform
@@ -22,7 +22,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate an FCN checkpoint on a CamVid split.")
     add = parser.add_argument
     add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
-    add("--class-dict", default=None, help="class_dict.csv (default: DATA_ROOT/class_dict.csv, else data/class_dict.csv)")
+    add("--class-dict", default=None, help="override the checkpoint's class colours with this class_dict.csv (same "
+        "class names); default: the checkpoint's own table")
     add("--split", default="test", choices=("test", "val"))
     add("--weights", required=True, help="checkpoint written by train.py (best.pth or last.pth) or an exported .onnx")
     add("--limit", type=int, help="only the first K images (by stem)")
@@ -35,7 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int, default=4)
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--workers", type=int, default=utils.default_workers(), help="data loader processes (see train.py --help)")
-    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     add_label_cache_args(parser)
     return parser
@@ -91,7 +93,7 @@ def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace,
             "class_accuracy": dict(zip(names, metrics["class_accuracy"])), "split": args.split,
             "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
             "tta": inference.parse_tta(args.tta).to_dict(), "scale": args.scale, "downscale": args.downscale,
-            "weights": str(args.weights)}
+            "weights": str(args.weights), "precision": metrics["precision"]}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -101,18 +103,20 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     tta = inference.parse_tta(args.tta)
     check_data_root(args.data_root)
-    table = ClassTable.from_csv(resolve_class_dict(args.data_root, args.class_dict))
     device = utils.resolve_device(args.device)
-    model = inference.load_model(args.weights, table, device)
+    model, table = inference.load_model(args.weights, args.class_dict, device, resolve_class_dict(args.data_root))
     transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
     dataset = CamVidDataset(args.data_root, args.split, table, transform, args.limit,
                             label_cache=label_cache_from_args(args))
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    metrics = inference.evaluate(model, loader, table.num_classes, device, utils.amp_dtype(device, args.amp),
-                                 args.channels_last, tta, args.scale, progress=True)
+    amp = utils.amp_dtype(device, args.amp)
+    metrics = inference.evaluate(model, loader, table.num_classes, device, amp, args.channels_last, tta, args.scale,
+                                 progress=True)
+    metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else utils.precision_name(amp)
     print(f"{args.split}: {len(dataset)} images, {'352x480 centre crop' if args.crop else 'full resolution'}"
           + (f" shrunk {args.downscale:g}x" if args.downscale != 1 else "")
-          + (f", TTA {args.tta}" if tta.enabled else "") + (f", scale {args.scale:g}" if args.scale != 1 else ""))
+          + (f", TTA {args.tta}" if tta.enabled else "") + (f", scale {args.scale:g}" if args.scale != 1 else "")
+          + f", {metrics['precision']}")
     print(report(metrics, table.names))
     if args.report:
         write_report(args.report, metrics, table.names)

@@ -19,8 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import budget as time_budget
 import cfg
 import inference
+import run_folder
+from budget import Budget, EpochCost, Schedule
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
                      check_data_root, label_cache_from_args, normalize_batch,
@@ -28,12 +31,17 @@ from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
 from transforms import eval_transform, train_transform
 import utils
+from run_folder import set_times
+from utils import unwrap, wrappers
 
 # `--recipe camvid`: the defaults chosen for CamVid (issue 4); explicit flags still win.
 RECIPES = {
     "camvid": dict(optimizer="sgd", lr=0.01, weight_decay=5e-4, schedule="poly", warmup_epochs=5,
                    epochs=300, batch_size=8, scale=(0.5, 2.0), flip=True, jitter=0.2, clip_grad=10.0),
 }
+# The CamVid recipe at quarter resolution, narrowed fc6/fc7, in one hour of a CPU (issue 18).
+RECIPES["camvid-cpu"] = dict(RECIPES["camvid"], downscale=4.0, crop_size=[88, 120], fc_width=1024, warmup_epochs=2,
+                             eval_every=2, time_budget="60m")
 
 
 class TrainingDiverged(Exception):
@@ -54,6 +62,8 @@ class Loop:
     seed: int = 0
     compile: bool = False  # the model is torch.compile'd: mark the batch dimension dynamic
     accum_steps: int = 1  # batches per optimizer step
+    budget: Budget | None = None  # --time-budget: stop cleanly when only a checkpoint write still fits
+    first_step_end: float | None = None  # perf_counter() after this process's first optimizer step
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +125,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """One pass over the loader, an optimizer step per --accum-steps batches; `done` carries the optimizer
     steps, loss_sum and count (also across a resume). Returns False when a stop signal cut the epoch short."""
     model.train()
-    loss_sum = torch.tensor(done["loss_sum"], device=loop.device, dtype=torch.float64)
+    loss_sum = torch.full((), done["loss_sum"], device=loop.device, dtype=torch.float64)  # no host sync
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.dist.is_main, dynamic_ncols=True)
     for group in batch_groups(bar, loop.accum_steps):
         batches = [to_device(images, labels, loop) for images, labels in group]
@@ -125,6 +135,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss_sum += loss.double() * images_in_step
         done["steps"] += 1
         done["count"] += images_in_step
+        if loop.first_step_end is None:  # what came before (workers, autotuning, compilation) is one-off
+            loop.first_step_end = time.perf_counter()
+        if loop.budget is not None and loop.budget.must_stop():
+            loop.stop.request("time budget")
         if done["steps"] % loop.log_every == 0:  # with the stop agreement below, the only host sync
             check_finite(loss_sum, epoch, done["steps"])
             bar.set_postfix(loss=f"{loss_sum.item() / done['count']:.4f}")
@@ -176,7 +190,8 @@ def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scale
         torch._dynamo.maybe_mark_dynamic(images, 0)
     with gradient_sync(model, sync):
         with utils.autocast(loop.device, loop.amp):
-            loss = loss_fn.total(model(images), labels) / denominator
+            logits = model(images)
+        loss = loss_fn.total(logits.float(), labels) / denominator  # the loss in fp32, whatever autocast ran
         scaler.scale(loss).backward()
     return loss.detach()
 
@@ -275,17 +290,13 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
     return torch.optim.Adam(groups, lr=args.lr, **fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int):
-    """Per-step LambdaLR: linear warm-up, then poly (power 0.9) or step decay (×gamma every step-size epochs)."""
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.schedule == "poly":
-            return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
-        return args.gamma ** (step // (args.step_size * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR over a budget.Schedule (scheduler.lr_lambdas[0]): linear warm-up, then poly or step
+    decay; with --time-budget provisional until the measured epoch fixes the epoch count."""
+    plan = (Schedule.provisional if args.time_budget else Schedule)(
+        args.schedule, steps_per_epoch, args.epochs, args.warmup_epochs, args.gamma, args.step_size)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
 
 
 def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tuple[DataLoader, DataLoader]:
@@ -366,102 +377,48 @@ class Run:
     done: dict = field(default_factory=fresh_progress)
     best: dict | None = None  # best.pth's state, waiting for the next checkpoint write
     saved_at: float = 0.0  # time.perf_counter() of the last checkpoint write
+    checkpointed: bool = False  # last.pth has been written (or resumed from)
+    saved_epoch: int = 0  # the epoch last.pth holds
+    budget: Budget | None = None  # --time-budget
 
-
-def run_config(run: Run) -> dict:
-    """The resolved configuration: the model's and every training flag (paths as strings)."""
-    return {"model": unwrap(run.model).config.to_dict(),
-            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}}
-
-
-def checkpoint_state(run: Run, epoch: int) -> dict:
-    """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
-    return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best_miou": run.best_miou, "config": run_config(run), "history": run.history,
-            "partial_epoch": dict(run.done), "class_names": list(run.table.names)}
-
-
-def best_state(run: Run, epoch: int, metrics: dict) -> dict:
-    """best.pth: only what test.py, predict.py and --init-from read. The weights are copied on the device
-    (cheap) because the file is written later, at the checkpoint cadence."""
-    weights = {k: v.detach().clone() for k, v in unwrap(run.model).state_dict().items()}
-    return {"model": weights, "config": run_config(run), "metrics": metrics,
-            "class_names": list(run.table.names), "epoch": epoch}
-
-
-def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
-    """One history.csv row: the issue's columns, then the per-class IoU; val columns are None (empty in
-    the csv) for an epoch --eval-every skipped. The *seconds columns are filled by end_of_epoch."""
-    val = metrics or {}
-    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val.get("loss"),
-           "val_pa": val.get("pixel_accuracy"), "val_mpa": val.get("mean_pixel_accuracy"),
-           "val_miou": val.get("miou"), "seconds": 0.0, "train_seconds": 0.0, "val_seconds": 0.0,
-           "other_seconds": 0.0}
-    row.update({f"iou_{name}": val["iou"][i] if val else None for i, name in enumerate(names)})
-    return row
-
-
-def set_times(row: dict, train: float, val: float, other: float) -> None:
-    """Where the epoch's wall time went: training, validation, everything else (logs, plots, checkpoints)."""
-    row.update(train_seconds=round(train, 3), val_seconds=round(val, 3), other_seconds=round(other, 3))
-    row["seconds"] = round(train + val + other, 3)
-
-
-def save_val_samples(model: nn.Module, dataset: CamVidDataset, table: ClassTable, loop: Loop, path: Path) -> None:
-    """A few val images with truth and prediction side by side."""
-    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
-    images, labels = zip(*(dataset[i] for i in picks))
-    images, labels = torch.stack(images), torch.stack(labels)
-    model.eval()
-    prediction = inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
-    grid = utils.sample_grid(images, labels, prediction, table)
-    utils.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    @property
+    def schedule(self) -> Schedule:
+        return self.scheduler.lr_lambdas[0]
 
 
 def validate(run: Run, epoch: int) -> dict | None:
-    """Val metrics every --eval-every epochs and at the last epoch; None for the epochs in between."""
-    if epoch % run.args.eval_every and epoch != run.args.epochs:
+    """Val metrics every --eval-every epochs, at the last epoch and at a budget's measured epoch; None between."""
+    measuring = run.budget is not None and run.budget.epochs is None
+    if epoch % run.args.eval_every and epoch != run.args.epochs and not measuring:
         return None
     sync_buffers(unwrap(run.model), run.loop.dist)
     # Eager and without DDP: no gradients to synchronise, and no second compiled graph (eval mode) to build.
     return evaluate(unwrap(run.model), run.val_loader, run.table.num_classes, run.loop)
 
 
-def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float) -> None:
-    """Log every epoch; checkpoint, plot and draw samples when --save-every seconds have passed (always
-    after the last epoch). best.pth is judged on validated epochs only; rank 0 alone writes files."""
+def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float) -> float:
+    """Log every epoch; checkpoint, plot and draw samples when run_folder.due says so. best.pth is judged on
+    validated epochs only; rank 0 alone writes files. Returns the seconds the checkpoint write took (or 0)."""
     started, main = time.perf_counter(), run.loop.dist.is_main
     train_loss = run.done["loss_sum"] / max(1, run.done["count"])
-    row = history_row(epoch, run.optimizer.param_groups[0]["lr"], train_loss, metrics, run.table.names)
+    row = run_folder.history_row(epoch, run.optimizer.param_groups[0]["lr"], train_loss, metrics, run.table.names)
     run.history.append(row)
     if metrics is not None and metrics["miou"] > run.best_miou:
         run.best_miou = metrics["miou"]
-        run.best = best_state(run, epoch, metrics) if main else None
+        run.best = run_folder.best_state(run, epoch, metrics) if main else None
     train_seconds, run.done = run.done["train_seconds"], fresh_progress()
     if not main:
-        return
+        return 0.0
     val = (f"val_loss {row['val_loss']:.4f} PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} "
            f"MIoU {row['val_miou']:.4f}") if metrics else "(not validated)"
     print(f"epoch {epoch}: train_loss {train_loss:.4f} {val} ({train_seconds + val_seconds:.1f}s)")
-    set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
-    if run.args.save_every <= 0 or epoch == run.args.epochs or started - run.saved_at >= run.args.save_every:
-        save_checkpoints(run, epoch)
-        utils.plot_curves(run.history, run.args.out / "curves.png")
-        save_val_samples(unwrap(run.model), run.val_loader.dataset, run.table, run.loop,
-                         run.args.out / "val_samples.png")
+    saved = 0.0
+    if run_folder.due(run, epoch, metrics is not None):
+        run_folder.save(run, epoch)
+        saved = time.perf_counter() - started
     set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
     utils.write_history(run.history, run.args.out / "history.csv")  # small: every epoch
-
-
-def save_checkpoints(run: Run, epoch: int) -> None:
-    """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
-    last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
-    if run.best is not None:
-        utils.save_checkpoint(run.best, run.args.out / "best.pth")
-        run.best = None
-    utils.save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
-    run.saved_at = time.perf_counter()
+    return saved
 
 
 def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
@@ -470,24 +427,6 @@ def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
     if dist_info.enabled:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
-
-
-def wrappers(model: nn.Module) -> Iterator[nn.Module]:
-    """The model, then each module it wraps (DDP and/or torch.compile, nested in any order), the FCN last."""
-    while True:
-        yield model
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod  # (tested by attribute: importing torch._dynamo costs seconds)
-        else:
-            return
-
-
-def unwrap(model: nn.Module) -> FCN:
-    """The FCN inside DDP and/or torch.compile wrappers."""
-    *_, inner = wrappers(model)
-    return inner
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -504,7 +443,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--init-from", help="start from another run's checkpoint: every layer whose shape fits (e.g. the fcn32s "
         "best.pth for fcn16s, or a CamVid model for another class set)")
     add("--backbone-lr-mult", type=float, default=1.0, help="lr factor of the VGG features (e.g. 0.1 when fine-tuning)")
-    add("--epochs", type=int, default=100)
+    add("--epochs", type=int, default=100, help="epochs to train (with --time-budget: the most it may choose)")
+    add("--time-budget", metavar="DURATION",
+        help="train the best schedule that fits: 90s, 20m, 1.5h or seconds for the whole run; after the first "
+             "epoch it fixes the epoch count that fits and anneals the lr to 0 by the deadline")
     add("--batch-size", type=int, default=8, help="per process")
     add("--accum-steps", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step: --batch-size 2 --accum-steps 4 trains "
@@ -537,12 +479,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--seed", type=int, default=0)
     add("--workers", type=int, default=utils.default_workers(),
-        help="data loader processes: cores - 2 (the main process and its pin-memory thread keep two), at most "
-             "8: at ~4.5 ms per image for the recipe's augmentation, 8 workers make ~1700 img/s, twice what a "
-             "GPU training at ~850 img/s takes")
+        help="data loader processes: cores - 2 (the main process and its pin-memory thread keep two), at most 8")
     add("--cache", action="store_true", help="decode the splits once into memory")
     add_label_cache_args(parser)
-    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="mixed precision: bf16 (fp16 on GPUs without bf16) on CUDA, bf16 on CPUs with native bf16; the loss "
+             "stays fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="NHWC memory format (faster convolutions on CUDA and on this project's CPU bench)")
     add("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused optimizer kernels on CUDA")
@@ -594,6 +536,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     if args.workers < 0:
         raise UserError(f"--workers: expected >= 0, got {args.workers}")
+    if args.time_budget is not None:
+        time_budget.parse_duration(args.time_budget)
+        if args.epochs < 2:
+            raise UserError(f"--time-budget needs --epochs of at least 2 (the measured epoch and one more), "
+                            f"got {args.epochs}")
     if args.save_every < 0:
         raise UserError(f"--save-every: expected seconds >= 0 (0: every epoch), got {args.save_every}")
     check_data_root(args.data_root)
@@ -603,6 +550,7 @@ def setup(args: argparse.Namespace) -> Run:
     """Wire data, model, optimiser, schedule and (on --resume) the saved state into one Run."""
     check_args(args)
     args.out = args.out or Path("weights") / args.model
+    run_folder.check_out(args.out)
     args.class_dict = resolve_class_dict(args.data_root, args.class_dict)
     device = utils.resolve_device(args.device)
     dist_info, device = utils.init_distributed(device)
@@ -611,9 +559,7 @@ def setup(args: argparse.Namespace) -> Run:
                 accum_steps=args.accum_steps)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
-    resumed = utils.load_checkpoint(args.out / "last.pth") if args.resume else None
-    if resumed is not None:
-        check_resume(args, resumed["config"].get("train", {}), args.out / "last.pth")
+    resumed = run_folder.load_resume(args) if args.resume else None
     model = place_model(build_model(args, table, resumed), args, loop)
     train_loader, val_loader = build_loaders(args, table, loop)
     optimizer = build_optimizer(model, args, device)
@@ -621,27 +567,13 @@ def setup(args: argparse.Namespace) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=loop.amp == torch.float16)
     loss_fn = build_loss(args, train_loader.dataset, table.num_classes, device)
     run = Run(args, table, model, optimizer, scheduler, scaler, loss_fn, train_loader, val_loader, loop)
+    if args.time_budget:
+        saved = resumed.get("budget") if resumed is not None else None
+        run.budget = loop.budget = Budget.start(time_budget.parse_duration(args.time_budget), saved)
     if resumed is not None:
         restore(run, resumed)
     run.model = wrap_model(model, args, loop)
     return run
-
-
-def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
-    """Refuse a --resume whose flags would silently change what last.pth means: the samples per optimizer
-    step (they define the schedule's length and the position inside an epoch) and the backbone's lr factor
-    (it shapes the optimizer's groups and their base lr)."""
-    batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
-    images = batch * accum
-    if args.batch_size * args.accum_steps != images:
-        example = f"--batch-size {images // 2} --accum-steps 2" if images % 2 == 0 else f"--batch-size {images}"
-        raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
-                        f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
-                        f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
-    mult = saved.get("backbone_lr_mult", 1.0)
-    if args.backbone_lr_mult != mult:
-        raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
-                        f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
 
 
 def place_model(model: FCN, args: argparse.Namespace, loop: Loop) -> FCN:
@@ -691,68 +623,147 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def restore(run: Run, state: dict) -> None:
-    """Load optimiser, schedule, scaler and progress from a checkpoint."""
+    """Load optimiser, schedule, scaler and progress from a checkpoint. A budgeted run's schedule comes back as
+    it was planned (its epoch count wins over --epochs); a plain run's follows this run's flags."""
     load_optimizer_state(run.optimizer, state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    fresh = dict(vars(run.schedule))
+    run.scheduler.load_state_dict(state["scheduler"])  # a saved budget.Schedule's fields come back with it
+    plan = run.schedule
+    if 0 < plan.replanned_at <= plan.epochs * plan.steps_per_epoch:  # a budget fixed it: keep it
+        run.args.epochs, run.args.warmup_epochs = plan.epochs, plan.warmup_epochs
+    else:
+        vars(plan).update(fresh)
     if state["scaler"]:  # empty when saved by a disabled scaler (CPU, bf16): an fp16 run starts a fresh scale
         run.scaler.load_state_dict(state["scaler"])
     run.start_epoch = state["epoch"] + 1
     run.best_miou, run.history = state["best_miou"], list(state["history"])
     run.done = {key: state["partial_epoch"].get(key, value) for key, value in fresh_progress().items()}
+    run.checkpointed = True
 
 
 def fit(run: Run) -> None:
-    """The epoch loop: train, validate, log, checkpoint; a stop signal saves and exits cleanly."""
+    """The epoch loop: train, validate, log, checkpoint; after the first epoch a time budget fixes the epoch
+    count. Whatever ends the run, the folder is complete (run_folder); a stop signal or the budget's deadline
+    saves and exits cleanly, a divergence keeps the last good checkpoints."""
     args, loop = run.args, run.loop
     loop.stop.install()
-    prepare_out(run)
-    for epoch in range(run.start_epoch, args.epochs + 1):
-        started = time.perf_counter()
-        run.train_loader.sampler.set_epoch(epoch, skip=run.done["steps"] * args.batch_size * args.accum_steps)
-        finished = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler,
-                                   run.loss_fn, loop, epoch, run.done)
-        run.done["train_seconds"] += time.perf_counter() - started
-        if not finished:
-            stop(run, epoch)
-            return
-        validated = time.perf_counter()
-        metrics = validate(run, epoch)
-        end_of_epoch(run, epoch, metrics, time.perf_counter() - validated)
+    run_folder.prepare(run)
+    epoch = run.start_epoch
+    while epoch <= args.epochs:
+        try:
+            if not train_and_validate(run, epoch):
+                return stop(run, epoch)
+        except TrainingDiverged as error:
+            diverged(run, epoch, error)
+            raise
+        epoch += 1
     finish(run)
 
 
-def prepare_out(run: Run) -> None:
-    """Create the run folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
-    run.saved_at = time.perf_counter()
-    if not run.loop.dist.is_main:
-        return
-    run.args.out.mkdir(parents=True, exist_ok=True)
-    if run.history:  # epochs after the last checkpoint are redone: the csv must not list them twice
-        utils.write_history(run.history, run.args.out / "history.csv")
-    for stale in run.args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
-        stale.unlink(missing_ok=True)
+def train_and_validate(run: Run, epoch: int) -> bool:
+    """One epoch: train, validate (when due and when it still fits the budget), log, checkpoint; on the first
+    epoch of a budgeted run, choose the epoch count. False when a stop (signal or deadline) cut it short."""
+    args, loop = run.args, run.loop
+    started = time.perf_counter()
+    run.train_loader.sampler.set_epoch(epoch, skip=run.done["steps"] * args.batch_size * args.accum_steps)
+    steps_before = run.done["steps"]
+    finished = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler,
+                               run.loss_fn, loop, epoch, run.done)
+    trained = time.perf_counter()
+    run.done["train_seconds"] += trained - started
+    steps = run.done["steps"] - steps_before
+    if not finished or out_of_time_for_validation(run):
+        return False
+    metrics = validate(run, epoch)
+    val_seconds = time.perf_counter() - trained
+    saved = end_of_epoch(run, epoch, metrics, val_seconds)
+    if run.budget is not None and run.budget.epochs is None:
+        plan_budget(run, EpochCost(steady_train_seconds(run, started, trained, steps), val_seconds, saved))
+    return True
+
+
+def steady_train_seconds(run: Run, started: float, ended: float, steps: int) -> float:
+    """An epoch's training time without the one-off start-up: the steps after this process's first one,
+    scaled to the whole epoch (the whole time when the epoch had a single step)."""
+    first = run.loop.first_step_end
+    if first is None or first <= started or steps < 2:
+        return ended - started
+    return (ended - first) * run.schedule.steps_per_epoch / (steps - 1)
+
+
+def plan_budget(run: Run, cost: EpochCost) -> None:
+    """Fix the epoch count from the measured epoch (rank 0 decides, every rank follows), re-plan the schedule
+    from this step on, and say so in one line."""
+    args, budget = run.args, run.budget
+    epochs = time_budget.choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs) \
+        if run.loop.dist.is_main else 0
+    if run.loop.dist.enabled:
+        choice = torch.full((1,), epochs, device=run.loop.device, dtype=torch.int64)
+        torch.distributed.broadcast(choice, src=0)
+        epochs = int(choice.item())
+    budget.epochs, budget.cost = epochs, cost
+    run.schedule.replan(epochs, run.scheduler.last_epoch)
+    args.epochs, args.warmup_epochs = epochs, run.schedule.warmup_epochs
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):  # the next step's rate, re-planned
+        group["lr"] = base * run.schedule(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    if run.loop.dist.is_main:
+        per_epoch = time_budget.time_needed(epochs - 1, cost, args.eval_every, args.save_every) / (epochs - 1)
+        print(f"time budget {time_budget.format_duration(budget.seconds)}: {epochs} epochs of ~{per_epoch:.1f} s "
+              f"(train {cost.train:.1f} s, val {cost.val:.1f} s every {args.eval_every}, checkpoint {cost.save:.1f} s; "
+              f"{budget.spent():.0f} s spent), warm-up {run.schedule.warmup_epochs}")
+
+
+def out_of_time_for_validation(run: Run) -> bool:
+    """Whether the deadline leaves no room to validate this epoch and save: then stop cleanly instead."""
+    budget = run.budget
+    if budget is None or budget.cost is None or not budget.left() < budget.cost.val + budget.stop_reserve():
+        return False
+    run.loop.stop.request("time budget")
+    return True
 
 
 def stop(run: Run, epoch: int) -> None:
-    """After a stop signal: save the partial epoch (rank 0) and say how to resume."""
-    if run.loop.dist.is_main:
-        save_checkpoints(run, epoch - 1)
-        steps = run.done["steps"]
-        batches = f" ({steps * run.args.accum_steps} batches)" if run.args.accum_steps > 1 else ""
-        print(f"{run.loop.stop.signal_name}: stopped in epoch {epoch} after step {steps}{batches}; "
-              f"saved {run.args.out / 'last.pth'}. Resume with the same command plus --resume.")
+    """After a stop signal or the budget's deadline: save the partial epoch and a complete folder (rank 0) and
+    say how to go on."""
+    if not run.loop.dist.is_main:
+        return
+    steps = run.done["steps"]
+    batches = f" ({steps * run.args.accum_steps} batches)" if run.args.accum_steps > 1 else ""
+    reason = run.loop.stop.signal_name
+    where = f"stopped in epoch {epoch} of {run.args.epochs} after step {steps}{batches}"
+    run_folder.save(run, epoch - 1)
+    run_folder.write_results(run, f"{reason}: {where}", epoch)
+    advice = ("the epochs ran slower than the first one measured; resume with a larger --time-budget to finish"
+              if reason == "time budget" else "resume with the same command plus --resume")
+    print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}: {advice}.")
+
+
+def diverged(run: Run, epoch: int, error: Exception) -> None:
+    """NaN/inf loss: keep the last good last.pth, write a pending better best.pth, curves, samples of the
+    last good weights and results.json (rank 0)."""
+    if not run.loop.dist.is_main:
+        return
+    good = run.best["model"] if run.best is not None else None
+    run_folder.save_best(run)
+    if good is None and (run.args.out / "best.pth").is_file():
+        good = utils.load_checkpoint(run.args.out / "best.pth")["model"]
+    if good is not None:
+        unwrap(run.model).load_state_dict(good)
+    run_folder.write_plots(run, samples=good is not None)
+    run_folder.write_results(run, f"diverged: {error}", epoch)
 
 
 def finish(run: Run) -> None:
-    """results.json of a finished run (rank 0)."""
+    """The last epoch's checkpoint and results.json of a completed run (rank 0)."""
     if not run.loop.dist.is_main:
         return
     if run.start_epoch > run.args.epochs:
         print(f"{run.args.out / 'last.pth'} already has {run.start_epoch - 1} epochs; raise --epochs to train more")
     elif run.history:
-        command = "python train.py " + " ".join(sys.argv[1:])
-        results = utils.run_results(run.history, run_config(run), utils.device_name(run.loop.device), command)
-        utils.atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+        if run.saved_epoch != run.history[-1]["epoch"]:  # a budget fixed the count after the last epoch's check
+            run_folder.save(run, run.history[-1]["epoch"])
+        run_folder.write_results(run)
 
 
 def stop_workers(loader: DataLoader) -> None:
@@ -780,5 +791,4 @@ if __name__ == "__main__":
     except UserError as error:
         utils.fail(str(error))
     except TrainingDiverged as error:
-        utils.fail(f"{error}; stopped without saving, the last good checkpoint is intact "
-                   "(lower --lr or set --clip-grad)", code=1)
+        utils.fail(f"{error}; the last good checkpoints are kept (lower --lr or set --clip-grad)", code=1)

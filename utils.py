@@ -41,10 +41,25 @@ def device_name(device: torch.device) -> str:
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None (fp32) on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
+    """The autocast dtype: on CUDA bf16 where the GPU has it, else fp16; on a CPU bf16 where it computes bf16
+    natively (AVX512-BF16 or AMX, where oneDNN's bf16 convolutions run about 2x fp32), else None (fp32,
+    since emulated bf16 is slower than fp32); None when disabled."""
+    if not enabled:
         return None
-    return torch.bfloat16 if native_bf16() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if native_bf16() else torch.float16
+    return torch.bfloat16 if cpu_native_bf16() else None
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32': what results.json and test.py --json record."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def native_bf16() -> bool:
@@ -110,7 +125,12 @@ class StopFlag:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        self.requested, self.signal_name = True, signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """Ask to stop after the current step (a signal's name, or "time budget")."""
+        if not self.requested:
+            self.requested, self.signal_name = True, reason
 
     def agreed(self, device: torch.device, dist_info: DistInfo, step: int, every: int = 1) -> bool:
         """True when any process was asked to stop. Under torchrun the ranks compare flags (an all-reduce
@@ -159,10 +179,31 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from exc
+        # torch's own message advises weights_only=False: arbitrary code execution, and wrong for a damaged file
+        raise UserError(f"{path}: not a checkpoint written by this project, or damaged (truncated?)") from exc
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")
     return state
+
+
+def saved_table(state: dict) -> dict | None:
+    """The class table a checkpoint (or an ONNX model's metadata) carries; older checkpoints only the names."""
+    if "class_table" in state:
+        return state["class_table"]
+    return {"names": list(state["class_names"])} if state.get("class_names") else None
+
+
+def trained_table(saved: dict | None, class_dict: str | Path | None, fallback: str | Path, source: str | Path) -> ClassTable:
+    """The class table of a trained model: its own (`saved`), or --class-dict, which may only override it with
+    the same class names (other colours); `fallback` serves a model that carries no colours."""
+    if class_dict is None and saved is not None and "colors" in saved:
+        return ClassTable.from_dict(saved)
+    table = ClassTable.from_csv(class_dict or fallback)
+    if saved is not None and tuple(saved["names"]) != table.names:
+        flag = f"--class-dict {class_dict}" if class_dict else f"{fallback} (pass --class-dict)"
+        raise UserError(f"{flag}: classes {', '.join(table.names)} differ from the {len(saved['names'])} that "
+                        f"{source} was trained on: {', '.join(saved['names'])}")
+    return table
 
 
 def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) -> FCN:
@@ -174,6 +215,24 @@ def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) ->
     model = FCN(config)
     model.load_state_dict(state["model"])
     return model
+
+
+def wrappers(model: torch.nn.Module):
+    """The model, then each module it wraps (DDP and/or torch.compile, nested in any order), the FCN last."""
+    while True:
+        yield model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod  # (tested by attribute: importing torch._dynamo costs seconds)
+        else:
+            return
+
+
+def unwrap(model: torch.nn.Module) -> FCN:
+    """The FCN inside DDP and/or torch.compile wrappers."""
+    *_, inner = wrappers(model)
+    return inner
 
 
 def write_history(rows: list[dict], path: str | Path) -> None:
@@ -234,13 +293,15 @@ def run_script(main: Callable[[], object]) -> None:
 
 
 def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
-    """results.json of a run: the best val epoch's metrics and how the run was made."""
-    best = max((row for row in history if row["val_miou"] is not None), key=lambda row: row["val_miou"])
+    """results.json of a run: the best val epoch's metrics (null before the first validation) and how the
+    run was made. wall_s sums the epochs' own time, start-up excluded."""
+    validated = [row for row in history if row["val_miou"] is not None]
+    best = max(validated, key=lambda row: row["val_miou"]) if validated else {}
     train = config.get("train", {})
-    return {"split": "val", "miou": best["val_miou"], "pixel_accuracy": best["val_pa"],
-            "mean_pixel_accuracy": best["val_mpa"],
+    return {"split": "val", "miou": best.get("val_miou"), "pixel_accuracy": best.get("val_pa"),
+            "mean_pixel_accuracy": best.get("val_mpa"),
             "iou": {key[len("iou_"):]: value for key, value in best.items() if key.startswith("iou_")},
-            "best_epoch": best["epoch"], "device": device, "epochs": history[-1]["epoch"],
+            "best_epoch": best.get("epoch"), "device": device, "epochs": history[-1]["epoch"] if history else 0,
             "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
             "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
             "date": time.strftime("%Y-%m-%d")}

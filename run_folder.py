@@ -1,0 +1,179 @@
+"""A training run's folder: checkpoints and their cadence, history, plots, results.json and the resume checks.
+
+Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) the folder holds
+last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
+results.json that says whether the run completed and, if not, why and where it stopped."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+import inference
+import utils
+from cfg import UserError
+from dataset import CamVidDataset, ClassTable
+
+if TYPE_CHECKING:
+    from train import Run
+
+
+def run_config(run: Run) -> dict:
+    """The resolved configuration: the model's and every training flag (paths as strings)."""
+    return {"model": utils.unwrap(run.model).config.to_dict(),
+            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}}
+
+
+def checkpoint_state(run: Run, epoch: int) -> dict:
+    """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
+    return {"model": utils.unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+            "best_miou": run.best_miou, "config": run_config(run), "history": run.history,
+            "partial_epoch": dict(run.done), "budget": run.budget.state() if run.budget else None,
+            **class_entries(run.table)}
+
+
+def class_entries(table: ClassTable) -> dict:
+    """The class table a checkpoint carries, so test.py, predict.py and export.py need no class_dict.csv."""
+    return {"class_names": list(table.names), "class_table": table.to_dict()}
+
+
+def best_state(run: Run, epoch: int, metrics: dict) -> dict:
+    """best.pth: only what test.py, predict.py and --init-from read. The weights are copied on the device
+    (cheap) because the file is written later, at the checkpoint cadence."""
+    weights = {k: v.detach().clone() for k, v in utils.unwrap(run.model).state_dict().items()}
+    return {"model": weights, "config": run_config(run), "metrics": metrics, "epoch": epoch,
+            "precision": utils.precision_name(run.loop.amp), **class_entries(run.table)}
+
+
+def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
+    """One history.csv row: the issue's columns, then the per-class IoU; val columns are None (empty in
+    the csv) for an epoch --eval-every skipped. The *seconds columns are filled by set_times."""
+    val = metrics or {}
+    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val.get("loss"),
+           "val_pa": val.get("pixel_accuracy"), "val_mpa": val.get("mean_pixel_accuracy"),
+           "val_miou": val.get("miou"), "seconds": 0.0, "train_seconds": 0.0, "val_seconds": 0.0,
+           "other_seconds": 0.0}
+    row.update({f"iou_{name}": val["iou"][i] if val else None for i, name in enumerate(names)})
+    return row
+
+
+def set_times(row: dict, train: float, val: float, other: float) -> None:
+    """Where the epoch's wall time went: training, validation, everything else (logs, plots, checkpoints)."""
+    row.update(train_seconds=round(train, 3), val_seconds=round(val, 3), other_seconds=round(other, 3))
+    row["seconds"] = round(train + val + other, 3)
+
+
+def prepare(run: Run) -> None:
+    """Create the run folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
+    run.saved_at = time.perf_counter()
+    if not run.loop.dist.is_main:
+        return
+    run.args.out.mkdir(parents=True, exist_ok=True)
+    if run.history:  # epochs after the last checkpoint are redone: the csv must not list them twice
+        utils.write_history(run.history, run.args.out / "history.csv")
+    for stale in run.args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
+        stale.unlink(missing_ok=True)
+
+
+def due(run: Run, epoch: int, validated: bool) -> bool:
+    """Whether this epoch writes the checkpoints: the first validated one always (so a crash early on leaves
+    a best.pth to test and a last.pth to resume), the last, and then every --save-every seconds."""
+    first = validated and not run.checkpointed
+    cadence = time.perf_counter() - run.saved_at >= run.args.save_every
+    return run.args.save_every <= 0 or first or epoch == run.args.epochs or cadence
+
+
+def save(run: Run, epoch: int, samples: bool = True) -> None:
+    """Checkpoints, curves and (unless the weights are unusable) the val samples: one complete folder."""
+    save_checkpoints(run, epoch)
+    write_plots(run, samples)
+
+
+def write_plots(run: Run, samples: bool = True) -> None:
+    """curves.png from the history so far, val_samples.png from the model as it is."""
+    if run.history:
+        utils.plot_curves(run.history, run.args.out / "curves.png")
+    if samples:
+        save_val_samples(utils.unwrap(run.model), run.val_loader.dataset, run.table, run.loop,
+                         run.args.out / "val_samples.png")
+
+
+def save_checkpoints(run: Run, epoch: int) -> None:
+    """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
+    last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
+    save_best(run)
+    utils.save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
+    run.saved_at, run.checkpointed, run.saved_epoch = time.perf_counter(), True, epoch
+
+
+def save_best(run: Run) -> None:
+    """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
+    if run.best is not None:
+        utils.save_checkpoint(run.best, run.args.out / "best.pth")
+        run.best = None
+
+
+def save_val_samples(model: torch.nn.Module, dataset: CamVidDataset, table: ClassTable, loop, path: Path) -> None:
+    """A few val images with truth and prediction side by side."""
+    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
+    images, labels = zip(*(dataset[i] for i in picks))
+    images, labels = torch.stack(images), torch.stack(labels)
+    model.eval()
+    prediction = inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
+    grid = utils.sample_grid(images, labels, prediction, table)
+    utils.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
+    """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
+    command = "python train.py " + " ".join(sys.argv[1:])
+    results = utils.run_results(run.history, run_config(run), utils.device_name(run.loop.device), command)
+    results.update(completed=stopped is None, precision=utils.precision_name(run.loop.amp))
+    if stopped is not None:
+        results.update(stop_reason=stopped, stopped_epoch=epoch)
+    if run.budget is not None:
+        results["time_budget"] = {"seconds": run.budget.seconds, "spent": round(run.budget.spent(), 1),
+                                  "epochs": run.budget.epochs}
+    utils.atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; name a folder for the run")
+
+
+def load_resume(args: argparse.Namespace) -> dict:
+    """last.pth of the run folder, or one line saying what happened and what to run instead."""
+    path = args.out / "last.pth"
+    if not args.out.is_dir():
+        raise UserError(f"--resume: no run folder {args.out}; start the run without --resume")
+    if not path.is_file():
+        raise UserError(f"--resume: {path} does not exist: the run in {args.out} stopped before it saved a "
+                        f"checkpoint (its first validated epoch); start it again without --resume")
+    state = utils.load_checkpoint(path)
+    check_resume(args, state["config"].get("train", {}), path)
+    return state
+
+
+def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
+    """Refuse a --resume whose flags would silently change what last.pth means: the samples per optimizer
+    step (they define the schedule's length and the position inside an epoch) and the backbone's lr factor
+    (it shapes the optimizer's groups and their base lr)."""
+    batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
+    images = batch * accum
+    if args.batch_size * args.accum_steps != images:
+        example = f"--batch-size {images // 2} --accum-steps 2" if images % 2 == 0 else f"--batch-size {images}"
+        raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
+                        f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
+                        f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
+    mult = saved.get("backbone_lr_mult", 1.0)
+    if args.backbone_lr_mult != mult:
+        raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
+                        f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
