@@ -16,6 +16,7 @@ import os
 import resource
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -119,7 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true", help="tiny sizes and one repeat: a smoke run of seconds")
     add("--compile", action="store_true", help="torch.compile the fast-path model")
     add_label_cache_args(parser)
-    add("--amp", action=argparse.BooleanOptionalAction, default=True, help="fast path: mixed precision on CUDA")
+    add("--amp", action=argparse.BooleanOptionalAction, default=True,
+        help="fast path: mixed precision (bf16/fp16 on CUDA, bf16 on CPUs with native bf16)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="fast path memory format (train.py's default: on)")
     add("--train-size", type=int, nargs=2, metavar=("H", "W"), help="train step size (default per device)")
@@ -174,17 +176,21 @@ def timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
 
 
 def side_by_side(runs: dict[str, Callable[[], object]], plan: Plan, device: torch.device) -> dict[str, dict]:
-    """Warm every run up, then alternate their timed blocks; median seconds per call and GPU peak per run."""
+    """Warm every run up, then alternate their timed blocks; median seconds per call and, per run, the GPU peak
+    above what was allocated at the reset: the other runs' weights, gradients and optimizer state stay allocated
+    and would otherwise count in every run's peak."""
     for fn in runs.values():
         timed(fn, plan.warmup, device)
     seconds = {name: [] for name in runs}
     peaks = {name: 0.0 for name in runs}
     for _ in range(plan.repeats):
         for name, fn in runs.items():
+            base = 0.0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device) / 2 ** 20
             seconds[name].append(timed(fn, plan.steps, device) / plan.steps)
-            peaks[name] = max(peaks[name], gpu_peak_mb(device) or 0.0)
+            peaks[name] = max(peaks[name], (gpu_peak_mb(device) or 0.0) - base)
     return {name: {"seconds": statistics.median(seconds[name]),
                    "peak_mb": peaks[name] if device.type == "cuda" else None} for name in runs}
 
@@ -453,9 +459,21 @@ def run_info(args: argparse.Namespace, plan: Plan, device: torch.device, modes: 
             "infer_size": list(plan.infer_size), "infer_batch": plan.infer_batch,
             "steps": plan.steps, "repeats": plan.repeats,
             "eager_path": modes["eager"].describe(), "fast_path": modes["fast"].describe(),
-            # PyTorch's defaults, which "eager fp32" keeps: on Ampere+ cuDNN convolutions may use TF32
-            "tf32_conv": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}
+            # PyTorch's defaults, which "eager fp32" keeps: on Ampere+ cuDNN convolutions run in TF32
+            "tf32_conv": tf32_flag(lambda: torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
+            "tf32_matmul": tf32_flag(lambda: torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None,
+            "precision": utils.precision_name(modes["fast"].amp)}
+
+
+def tf32_flag(read: Callable[[], bool]) -> bool | None:
+    """One of the old TF32 switches, or None: since torch 2.9 reading them warns, and it raises where the new
+    fp32_precision settings were used."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(read())
+        except RuntimeError:
+            return None
 
 
 # ---------------------------------------------------------------- report
@@ -523,9 +541,10 @@ def print_report(r: dict) -> None:
           (" (narrowed from the paper's 4096 to keep the run short)" if r["fc_width"] != 4096 else ""))
     same = r["fast_path"] == r["eager_path"]
     print(f"eager: {r['eager_path']}, non-fused Adam | fast path: {r['fast_path']}" +
-          (" (= eager: --no-channels-last, and AMP only runs on CUDA)" if same else ""))
+          (" (= eager: --no-channels-last, and no AMP on this device)" if same else ""))
     if r["device"] == "cuda":
-        print(f"eager fp32 keeps PyTorch's TF32 defaults: cuDNN conv {r['tf32_conv']}, matmul {r['tf32_matmul']}")
+        print(f"eager fp32 keeps PyTorch's TF32 defaults (its convolutions run in TF32 on Ampere and later): "
+              f"cuDNN conv {r['tf32_conv']}, matmul {r['tf32_matmul']}")
     print(f"timing: medians of {r['repeats']} alternating eager/fast blocks of {r['steps']} call(s) after warm-up")
     rows = [*data_rows(r), ("", "", "", ""), *model_rows(r)]
     width = max(len(row[0]) for row in rows)

@@ -153,7 +153,7 @@ def time_needed(epochs: int, cost: EpochCost, eval_every: int, save_every: float
     """Seconds that epochs first..first+epochs-1 take: training, validation at the cadence and always at
     the last, checkpoints at the --save-every cadence and always at the end."""
     last = first + epochs - 1
-    validations = sum(1 for epoch in range(first, last + 1) if epoch % eval_every == 0 or epoch == last)
+    validations = last // eval_every - (first - 1) // eval_every + (last % eval_every != 0)
     work = epochs * cost.train + validations * cost.val
     saves = epochs if save_every <= 0 else math.floor(work / save_every) + 1
     return work + saves * cost.save

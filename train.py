@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import budget as time_budget
 import cfg
 import inference
 import run_folder
-from budget import Budget, EpochCost, Schedule
+from budget import Budget, BudgetTooSmall, EpochCost, Schedule
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
                      check_data_root, label_cache_from_args, normalize_batch,
@@ -695,12 +694,20 @@ def plan_budget(run: Run, cost: EpochCost) -> None:
     """Fix the epoch count from the measured epoch (rank 0 decides, every rank follows), re-plan the schedule
     from this step on, and say so in one line."""
     args, budget = run.args, run.budget
-    epochs = time_budget.choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs) \
-        if run.loop.dist.is_main else 0
-    if run.loop.dist.enabled:
+    epochs, too_small = 0, None
+    if run.loop.dist.is_main:
+        try:
+            epochs = time_budget.choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs)
+        except BudgetTooSmall as error:
+            too_small = error
+    if run.loop.dist.enabled:  # every rank takes rank 0's choice, or its refusal (0)
         choice = torch.full((1,), epochs, device=run.loop.device, dtype=torch.int64)
         torch.distributed.broadcast(choice, src=0)
         epochs = int(choice.item())
+    if epochs == 0:
+        if run.loop.dist.is_main:
+            run_folder.write_results(run, str(too_small), run.history[-1]["epoch"])
+        raise too_small or BudgetTooSmall("--time-budget: too short for a second epoch (rank 0 names the budget)")
     budget.epochs, budget.cost = epochs, cost
     run.schedule.replan(epochs, run.scheduler.last_epoch)
     args.epochs, args.warmup_epochs = epochs, run.schedule.warmup_epochs
@@ -725,18 +732,28 @@ def out_of_time_for_validation(run: Run) -> bool:
 
 def stop(run: Run, epoch: int) -> None:
     """After a stop signal or the budget's deadline: save the partial epoch and a complete folder (rank 0) and
-    say how to go on."""
-    if not run.loop.dist.is_main:
-        return
-    steps = run.done["steps"]
+    say how to go on; a budget that did not fit even the measured epoch is a BudgetTooSmall on every rank."""
+    main, steps = run.loop.dist.is_main, run.done["steps"]
     batches = f" ({steps * run.args.accum_steps} batches)" if run.args.accum_steps > 1 else ""
     reason = run.loop.stop.signal_name
-    where = f"stopped in epoch {epoch} of {run.args.epochs} after step {steps}{batches}"
-    run_folder.save(run, epoch - 1)
+    where = f"stopped in epoch {epoch} after step {steps}{batches}"
+    if main:
+        run_folder.save(run, epoch - 1)
+    if reason == "time budget" and run.budget.epochs is None:  # not even the measured epoch fitted
+        per_step = run.budget.spent() / max(1, steps)
+        error = BudgetTooSmall(f"--time-budget {time_budget.format_duration(run.budget.seconds)}: the first epoch did "
+                               f"not fit ({where}); the smallest budget that works here is about "
+                               f"{time_budget.format_duration(2.2 * per_step * run.schedule.steps_per_epoch)}")
+        if main:
+            run_folder.write_results(run, str(error), epoch)
+        raise error
+    if not main:
+        return
     run_folder.write_results(run, f"{reason}: {where}", epoch)
-    advice = ("the epochs ran slower than the first one measured; resume with a larger --time-budget to finish"
-              if reason == "time budget" else "resume with the same command plus --resume")
-    print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}: {advice}.")
+    advice = (f"the deadline came before epoch {run.args.epochs} (later epochs ran slower than the first); add "
+              "--resume and a larger --time-budget to finish" if reason == "time budget"
+              else "Resume with the same command plus --resume")
+    print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}. {advice}.")
 
 
 def diverged(run: Run, epoch: int, error: Exception) -> None:

@@ -134,15 +134,24 @@ def test_bad_inputs_raise_one_clear_message(trained_run, camvid, tmp_path, keep_
     assert "--epochs" in raises_user_error(run_train, "--data-root", str(camvid), "--epochs", "0")
     assert "--accum-steps: expected a positive integer" in raises_user_error(
         run_train, "--data-root", str(camvid), "--accum-steps", "0")
-    assert "last.pth: checkpoint not found" in raises_user_error(
+    assert "--resume: no run folder" in raises_user_error(
         run_train, "--data-root", str(camvid), "--out", str(tmp_path / "fresh"), "--resume", "--device", "cpu")
+    (tmp_path / "early").mkdir()
+    assert "last.pth does not exist: the run in" in raises_user_error(
+        run_train, "--data-root", str(camvid), "--out", str(tmp_path / "early"), "--resume", "--device", "cpu")
+    (tmp_path / "a-file").write_text("")
+    assert "--out" in raises_user_error(run_train, "--data-root", str(camvid), "--out", str(tmp_path / "a-file"))
+    assert "--time-budget 5x: expected a positive duration" in raises_user_error(
+        run_train, "--data-root", str(camvid), "--time-budget", "5x")
     if not torch.cuda.is_available():
         assert "--device cuda" in raises_user_error(run_test, "--data-root", str(camvid), "--weights",
                                                     str(trained_run / "last.pth"), "--device", "cuda")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00" * 100)
-    assert "garbage.pth: not a readable checkpoint" in raises_user_error(
-        run_predict, "--weights", str(garbage), "--input", str(camvid / "test"), "--out", str(tmp_path / "o"))
+    message = raises_user_error(run_predict, "--weights", str(garbage), "--input", str(camvid / "test"),
+                                "--out", str(tmp_path / "o"))
+    assert "garbage.pth: not a checkpoint written by this project, or damaged" in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on
     model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=5, fc_width=8))
     five = tmp_path / "five.pth"
     utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)

@@ -205,7 +205,7 @@ def test_export_bad_inputs(tmp_path):
                            (["--out", str(tmp_path / "no" / "x.onnx")], "expected a file name in an existing folder"),
                            (["--out", str(tmp_path)], "expected a file name in an existing folder"),
                            (["--opset", "17"], "--opset 17: the dynamo exporter writes opset 18 or newer"),
-                           (["--class-dict", str(renamed)], "differ from the checkpoint's")):
+                           (["--class-dict", str(renamed)], "best.pth was trained on: Sky, Building")):
         with pytest.raises(UserError, match=re.escape(message)):
             export.main(export.get_args_parser().parse_args(["--weights", str(weights), *flags]))
     result = run_cli("export.py", "--weights", str(tmp_path / "missing.pth"), check=False)

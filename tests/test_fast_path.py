@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
+import inference  # noqa: E402
 import cfg  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
@@ -148,3 +149,36 @@ def test_bench_bad_flag_is_one_line_exit_2(capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: bench.py: argument --repeats")
+
+
+bf16_cpu = pytest.mark.skipif(not utils.cpu_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+
+
+@bf16_cpu
+def test_amp_on_a_bf16_cpu_runs_training_and_inference_in_bf16_and_the_loss_in_fp32(model, tmp_path, monkeypatch):
+    """The default (--amp) on a CPU with bf16 instructions: convolutions in bf16 in train.py's step and in the
+    inference path test.py and predict.py take; the loss in fp32. Fails if autocast is silently off."""
+    assert utils.amp_dtype(CPU, True) == torch.bfloat16 and utils.amp_dtype(CPU, False) is None
+    args = train.parse_args(["--device", "cpu", "--data-root", str(tmp_path)])
+    assert utils.amp_dtype(CPU, args.amp) == torch.bfloat16  # what setup() gives the Loop
+    seen = []
+    hook = model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    losses = []
+    real_total = train.SegmentationLoss.total
+    monkeypatch.setattr(train.SegmentationLoss, "total",
+                        lambda self, logits, labels: losses.append(logits.dtype) or real_total(self, logits, labels))
+    trained = copy.deepcopy(model).train()
+    trained.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    images, labels = synthetic_batch(2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.01)
+    train.train_step(trained, normalize_batch(images), labels.long(), optimizer, scaler, train.SegmentationLoss(), FAST)
+    inference.Runner(model, CPU, utils.amp_dtype(CPU, True)).labels(images)
+    hook.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16] and losses == [torch.float32]
+
+
+def synthetic_batch(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (count, 3, *SIZE), generator=generator, dtype=torch.uint8)
+    return images, torch.randint(0, NUM_CLASSES, (count, *SIZE), generator=generator, dtype=torch.uint8)

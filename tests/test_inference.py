@@ -109,13 +109,15 @@ def test_test_py_json_records_the_tta(weights, tmp_path):
 
 
 def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
-    calls = []
-    fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or "onnx model")
+    calls, graph = [], types.SimpleNamespace(metadata={}, num_classes=TABLE.num_classes)
+    fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or graph,
+                                 metadata_table=lambda metadata: None, check_classes=lambda *args: None)
     monkeypatch.setitem(sys.modules, "onnx_backend", fake)
-    assert inference.load_model("model.onnx", TABLE, torch.device("cpu")) == "onnx model"
-    assert calls == [("model.onnx", TABLE, torch.device("cpu"))]
-    loaded = inference.load_model(weights, TABLE, torch.device("cpu"))
-    assert isinstance(loaded, FCN) and not loaded.training
+    model, table = inference.load_model("model.onnx", None, torch.device("cpu"))
+    assert model is graph and table.names == TABLE.names  # no class table in the metadata: data/class_dict.csv
+    assert calls == [("model.onnx", None, torch.device("cpu"))]
+    loaded, table = inference.load_model(weights, None, torch.device("cpu"))
+    assert isinstance(loaded, FCN) and not loaded.training and table.names == TABLE.names
 
 
 class FakeOnnx:

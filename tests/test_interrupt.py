@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 
+import test as test_script  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
@@ -61,14 +63,20 @@ def test_same_seed_gives_identical_history(data: Path, reference: Path, tmp_path
 
 
 def test_sigkill_in_epoch_two_then_resume(data: Path, reference: Path, tmp_path: Path):
-    command = [sys.executable, *fx.train_args(data, tmp_path / "run", *EPOCHS)]
+    """With the default --save-every (300 s, far longer than this run) the first validated epoch still writes
+    last.pth and best.pth: a kill -9 after it leaves a run to resume and a model that test.py scores."""
+    command = [sys.executable, *fx.train_args(data, tmp_path / "run", *EPOCHS[:-2])]
+    assert "--save-every" not in command
     process, _, stderr = fx.start(command, tmp_path)
     fx.wait_for_step(process, stderr, epoch=2)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     saved = utils.load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 0
-    utils.load_checkpoint(tmp_path / "run" / "best.pth")
+    metrics = test_script.main(test_script.get_args_parser().parse_args(
+        ["--data-root", str(data), "--split", "val", "--weights", str(tmp_path / "run" / "best.pth"),
+         "--workers", "0", "--device", "cpu"]))
+    assert 0 <= metrics["miou"] <= 1
     assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1"]
     stale = tmp_path / "run" / ".last.pth.tmp99999"  # what a kill in the middle of a checkpoint write leaves
     stale.write_bytes(b"half a checkpoint")
@@ -89,6 +97,9 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(data: P
     assert "Resume with the same command plus --resume" in message
     saved = utils.load_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] >= 1  # the partial epoch is kept
+    results = json.loads((tmp_path / "run" / "results.json").read_text())  # a complete folder, marked unfinished
+    assert not results["completed"] and results["stopped_epoch"] == 2 and "SIGTERM" in results["stop_reason"]
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "val_samples.png").is_file()
     resumed = fx.run(command + ["--resume"])
     assert "epoch 1:" not in resumed.stdout  # nothing redone: epoch 2 continues where it stopped
     assert_same_run(tmp_path / "run", reference)
@@ -226,8 +237,9 @@ def test_scaler_state_resumes_whether_saved_empty_or_filled():
 
 def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(data: Path, tmp_path: Path,
                                                                               monkeypatch):
-    """--save-every 3600 on a short run: checkpoints and plots only after the last epoch (always validated
-    and saved); --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
+    """--save-every 3600 on a short run: checkpoints and plots at the first validated epoch (so a crash early
+    on leaves something to test and resume) and after the last one (always validated and saved), none in
+    between; --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
     saved, plotted = [], []
     real_save, real_plot = utils.save_checkpoint, utils.plot_curves
     monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
@@ -237,8 +249,8 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
     out = tmp_path / "run"
     train.main(train.parse_args(fx.train_args(data, out, "--epochs", "3", "--eval-every", "2",
                                               "--save-every", "3600")[1:]))
-    assert [name for name, _ in saved] == ["best.pth", "last.pth"] and saved[1][1] == 3
-    assert plotted == [3] and (out / "val_samples.png").is_file()
+    assert [epoch for name, epoch in saved if name == "last.pth"] == [2, 3]
+    assert plotted == [2, 3] and (out / "val_samples.png").is_file()
     rows = fx.read_history(out / "history.csv")
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert rows[0]["val_miou"] == rows[0]["iou_Sky"] == "" and rows[1]["val_miou"] and rows[2]["val_miou"]
@@ -247,7 +259,8 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
         assert float(row["seconds"]) == pytest.approx(sum(parts), abs=0.002) and parts[0] > 0
     assert float(rows[0]["val_seconds"]) == 0 < float(rows[1]["val_seconds"])
     best = utils.load_checkpoint(out / "best.pth")
-    assert set(best) == {"model", "config", "metrics", "class_names", "epoch"} and best["epoch"] in (2, 3)
+    assert set(best) == {"model", "config", "metrics", "class_names", "class_table", "precision", "epoch"}
+    assert best["epoch"] in (2, 3) and best["class_table"]["names"] == best["class_names"]
     assert best["metrics"]["miou"] == max(float(rows[1]["val_miou"]), float(rows[2]["val_miou"]))
     table = train.ClassTable.from_csv(data / "class_dict.csv")
     utils.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do

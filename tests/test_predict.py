@@ -46,7 +46,7 @@ def test_batched_workers_match_the_inference_path_and_formats(weights, tmp_path)
     for index, size in enumerate(sizes):
         photo(folder / f"f{index}.png", size, seed=index)
     assert run(weights, [folder], tmp_path / "out", "--workers", "2", "--batch-size", "2", "--format", "both") == 5
-    model = inference.load_model(weights, TABLE, torch.device("cpu"))
+    model, _ = inference.load_model(weights, None, torch.device("cpu"))
     plain = inference.Runner(model, torch.device("cpu"))
     for index, size in enumerate(sizes):
         expected = plain.labels(read_image(folder / f"f{index}.png")[None])[0].numpy()
@@ -78,7 +78,7 @@ def test_output_names_mirror_the_inputs_and_never_collide(weights, tmp_path):
 def test_scale_and_tta_reach_the_model(weights, tmp_path):
     source = photo(tmp_path / "p.png", (128, 96))
     run(weights, [source], tmp_path / "out", "--scale", "0.5", "--tta", "flip,1,1.5", "--format", "index")
-    model = inference.load_model(weights, TABLE, torch.device("cpu"))
+    model, _ = inference.load_model(weights, None, torch.device("cpu"))
     expected = inference.Runner(model, torch.device("cpu"), scale=0.5, tta=inference.parse_tta("flip,1,1.5"))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "p.png")),
                                   expected.labels(read_image(source)[None])[0].numpy())
@@ -112,3 +112,37 @@ def test_video_without_pyav_is_one_line(weights, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # import av now raises ImportError
     with pytest.raises(UserError, match="pip install av"):
         run(weights, [tmp_path / "drive.mp4"], tmp_path / "out")
+
+
+def three_class_checkpoint(folder):
+    """A random 3-class model whose checkpoint carries its own class table (not CamVid's)."""
+    csv = folder / "three.csv"
+    csv.write_text("name,r,g,b\nroad,10,20,30\nlane,200,100,0\nkerb,0,250,50\nvoid,0,0,0\n")
+    table = ClassTable.from_csv(csv)
+    torch.manual_seed(1)
+    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=3, fc_width=8))
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    path = folder / "three.pth"
+    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
+                           "class_names": list(table.names), "class_table": table.to_dict()}, path)
+    return path, table
+
+
+def test_a_checkpoint_paints_its_own_classes(tmp_path):
+    """No --class-dict: the colours come from the checkpoint; a --class-dict with other names is refused."""
+    weights, table = three_class_checkpoint(tmp_path)
+    image = photo(tmp_path / "a.png")
+    run(weights, [image], tmp_path / "out", "--workers", "0", "--format", "both")
+    labels = np.asarray(Image.open(tmp_path / "out" / "a_index.png"))
+    painted = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    np.testing.assert_array_equal(painted, table.palette()[labels])
+    assert set(map(tuple, painted.reshape(-1, 3))) <= {(10, 20, 30), (200, 100, 0), (0, 250, 50)}
+    recoloured = tmp_path / "recoloured.csv"
+    recoloured.write_text("name,r,g,b\nroad,1,1,1\nlane,2,2,2\nkerb,3,3,3\n")
+    run(weights, [image], tmp_path / "recoloured", "--workers", "0", "--class-dict", str(recoloured))
+    assert set(map(tuple, np.asarray(Image.open(tmp_path / "recoloured" / "a.png")).reshape(-1, 3))) <= \
+        {(1, 1, 1), (2, 2, 2), (3, 3, 3)}
+    with pytest.raises(UserError, match="classes Sky, Building.* differ from the 3 that .*three.pth was trained on: "
+                                        "road, lane, kerb"):
+        run(weights, [image], tmp_path / "camvid", "--class-dict", str(cfg.DEFAULT_CLASS_DICT))

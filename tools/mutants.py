@@ -39,6 +39,7 @@ class Mutant:
 DATA, METRICS, RECIPE = ("tests/test_data.py",), ("tests/test_metrics.py",), ("tests/test_recipe.py",)
 RESUME = ("tests/test_resume_equality.py",)
 ACCUM = ("tests/test_accumulation.py",)
+BUDGET = ("tests/test_budget.py",)
 MUTANTS = [
     # metrics
     Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(scores.argmax(1), labels)\n",
@@ -101,9 +102,10 @@ MUTANTS = [
     Mutant("val-crop-ignored", "train.py", "eval_transform(crop if args.val_crop else None, args.downscale)",
            "eval_transform(None, args.downscale)", RECIPE),
     # schedule, optimiser, loss
-    Mutant("poly-power-1", "train.py", "/ max(1, total - warmup)) ** 0.9", "/ max(1, total - warmup)) ** 1.0",
-           RECIPE),
-    Mutant("warmup-starts-at-0", "train.py", "return (step + 1) / warmup", "return step / warmup", RECIPE),
+    Mutant("poly-power-1", "budget.py", "self.epochs * per_epoch - warm_end)) ** 0.9",
+           "self.epochs * per_epoch - warm_end)) ** 1.0", RECIPE),
+    Mutant("warmup-starts-at-0", "budget.py", "return start + (1 - start) * (step + 1 - replanned)",
+           "return start + (1 - start) * (step - replanned)", RECIPE),
     Mutant("weight-decay-ignored", "train.py", '"weight_decay": weight_decay if decay else 0.0}',
            '"weight_decay": 0.0}', RECIPE),
     Mutant("clip-grad-ignored", "train.py", "    if loop.clip_grad > 0:\n", "    if loop.clip_grad < 0:\n", RECIPE),
@@ -118,8 +120,8 @@ MUTANTS = [
            "        if isinstance(layer, nn.ConvTranspose2d):\n"
            "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
     # gradient accumulation
-    Mutant("accum-per-batch-mean", "train.py", "loss = loss_fn.total(model(images), labels) / denominator",
-           "loss = loss_fn(model(images), labels) / loop.accum_steps", ACCUM),
+    Mutant("accum-per-batch-mean", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
+           "loss = loss_fn(logits.float(), labels) / loop.accum_steps", ACCUM),
     Mutant("accum-resume-skips-batches-not-steps", "train.py",
            'skip=run.done["steps"] * args.batch_size * args.accum_steps', 'skip=run.done["steps"] * args.batch_size',
            ACCUM),
@@ -127,7 +129,7 @@ MUTANTS = [
            "len(train_loader)", ACCUM),
     Mutant("accum-all-reduce-every-batch", "train.py", "sync=last)", "sync=True)", ACCUM),
     Mutant("accum-never-all-reduce", "train.py", "sync=last)", "sync=False)", ACCUM),
-    Mutant("resume-any-batch-product", "train.py", "    if args.batch_size * args.accum_steps != images:\n",
+    Mutant("resume-any-batch-product", "run_folder.py", "    if args.batch_size * args.accum_steps != images:\n",
            "    if False:\n", ACCUM),
     Mutant("recipe-key-misspelt", "train.py", "warmup_epochs=5,", "warmup_epoch=5,", RECIPE),
     Mutant("scale-flag-dropped", "transforms.py", "        steps.append(RandomScale(*scale))\n", "        pass\n",
@@ -135,6 +137,31 @@ MUTANTS = [
     Mutant("cache-flag-ignored", "train.py", "    if args.cache:\n", "    if False:\n", RECIPE),
     Mutant("class-weights-not-in-loss", "train.py", 'return SegmentationLoss(weight, args.ohem).to(device)',
            'return SegmentationLoss(None, args.ohem).to(device)', RECIPE),
+    # time budget and the run folder
+    Mutant("budget-keeps-the-provisional-schedule", "train.py", "    run.schedule.replan(epochs, run.scheduler.last_epoch)\n",
+           "", BUDGET),
+    Mutant("budget-ignores-validation-cost", "budget.py", "    work = epochs * cost.train + validations * cost.val\n",
+           "    work = epochs * cost.train\n", BUDGET),
+    Mutant("budget-deadline-ignored", "train.py", '            loop.stop.request("time budget")\n', "            pass\n",
+           BUDGET),
+    Mutant("budget-warm-up-not-shrunk", "budget.py", "        if self.warmup_epochs >= 2:\n", "        if False:\n",
+           BUDGET),
+    Mutant("resume-forgets-the-budget-plan", "train.py",
+           "        run.args.epochs, run.args.warmup_epochs = plan.epochs, plan.warmup_epochs\n",
+           "        vars(plan).update(fresh)\n", BUDGET),
+    Mutant("no-checkpoint-at-the-first-validation", "run_folder.py", "    first = validated and not run.checkpointed\n",
+           "    first = False\n", ("tests/test_interrupt.py", "-k", "save_every or sigkill_in_epoch_two")),
+    Mutant("divergence-overwrites-last", "train.py", "            diverged(run, epoch, error)\n",
+           "            run_folder.save(run, epoch)\n", BUDGET),
+    Mutant("stop-writes-no-results", "train.py", '    run_folder.write_results(run, f"{reason}: {where}", epoch)\n', "",
+           ("tests/test_interrupt.py", "-k", "sigterm_mid_epoch")),
+    Mutant("predict-ignores-the-checkpoint-table", "utils.py",
+           '    if class_dict is None and saved is not None and "colors" in saved:\n', "    if False:\n",
+           ("tests/test_predict.py", "-k", "own_classes")),
+    Mutant("cpu-autocast-off", "utils.py", '    return torch.bfloat16 if cpu_native_bf16() else None\n', "    return None\n",
+           ("tests/test_fast_path.py", "-k", "bf16_cpu")),
+    Mutant("loss-in-bf16", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
+           "loss = loss_fn.total(logits, labels) / denominator", ("tests/test_fast_path.py", "-k", "bf16_cpu")),
     # model initialisation
     Mutant("bilinear-kernel-off-centre", "fcn.py", "center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5",
            "center = factor - 1", ("tests/test_model.py",)),
@@ -146,7 +173,9 @@ MUTANTS = [
     Mutant("val-shards-padded", "dataset.py", "self.indices = list(range(rank, length, num_replicas))",
            "self.indices = list(range(rank, length + length % num_replicas, num_replicas))",
            ("tests/test_distributed.py", "-k", "shards")),
-    Mutant("resume-forgets-schedule", "train.py", '    run.scheduler.load_state_dict(state["scheduler"])\n', "",
+    Mutant("resume-forgets-schedule", "train.py",
+           '    run.scheduler.load_state_dict(state["scheduler"])  # a saved budget.Schedule\'s fields come back with it\n',
+           "",
            RESUME),
     Mutant("resume-forgets-optimizer", "train.py", '    load_optimizer_state(run.optimizer, state["optimizer"])\n', "",
            RESUME),
