@@ -516,7 +516,7 @@ def model_rows(r: dict) -> list[tuple[str, ...]]:
             ("infer_{}_img_s", f"inference {size(r['infer_size'])} batch {r['infer_batch']}", " img/s", 2),
             ("infer_{}_latency_ms", f"inference {size(r['infer_size'])} batch 1 latency", " ms", 1),
             ("train_{}_tflops", "train step achieved", " TFLOP/s", 3),
-            ("train_{}_peak_mem_mb", "train step peak GPU memory", " MiB", 0)):
+            ("train_{}_peak_mem_mb", "train step peak GPU memory above its start", " MiB", 0)):
         eager, fast = r[key.format("eager")], r[key.format("fast")]
         speedup = "" if "mem" in key else ratio(fast, eager) if "latency" in key else ratio(eager, fast)
         rows.append((what, number(eager, unit, digits), number(fast, unit, digits), speedup))

@@ -77,6 +77,18 @@ def run(command: list[str], check: bool = True, timeout: float = 300) -> subproc
     return result
 
 
+def train_in_process(*argv: str) -> None:
+    """train.py's main in this process (no interpreter start-up): pytest keeps its signal handlers, and a time
+    budget's clock starts at set-up rather than with pytest's process."""
+    import budget
+    import train
+    import utils
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils.StopFlag, "install", lambda self: None)
+        patch.setattr(budget, "process_age", lambda: 0.0)
+        train.main(train.parse_args(list(argv)))
+
+
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a repo script (train.py, test.py, ...) with this Python."""
     return run([sys.executable, *args], check=check, timeout=timeout)
@@ -86,9 +98,9 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
 def trained_run(camvid: Path, tmp_path_factory) -> Path:
     """A run folder after 1 epoch then --resume to 2 epochs (shared by the CLI tests)."""
     out = tmp_path_factory.mktemp("run")
-    common = ["train.py", "--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN]
-    run_cli(*common, "--epochs", "1")
-    run_cli(*common, "--epochs", "2", "--resume")
+    common = ["--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN]
+    train_in_process(*common, "--epochs", "1")
+    train_in_process(*common, "--epochs", "2", "--resume")
     return out
 
 

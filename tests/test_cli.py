@@ -229,5 +229,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(traine
     result = run_cli("train.py", "--data-root", str(camvid), "--out", str(run_dir), *SMALL_TRAIN,
                      "--epochs", "1", "--init-from", str(tmp_path / "nan.pth"), check=False)
     assert result.returncode == 1, result.stderr
-    assert "loss became NaN/inf in epoch 1" in result.stderr and "last good checkpoint is intact" in result.stderr
+    assert "loss became NaN/inf in epoch 1" in result.stderr and "the last good checkpoints are kept" in result.stderr
     assert (run_dir / "last.pth").read_bytes() == before
+    results = json.loads((run_dir / "results.json").read_text())
+    assert not results["completed"] and results["stop_reason"].startswith("diverged: loss became NaN/inf")

@@ -38,7 +38,7 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     out = tmp_path / "run"
     start = reactive_start(tmp_path / "start.pth")
     result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "1", "--backbone", "vgg16_bn",
-                                               "--init-from", str(start))])
+                                               "--init-from", str(start), "--no-amp")])  # compared in fp32
     # --batch-size is per process: 4 images = 2 ranks x 1 step of 2
     assert re.search(r"epoch 1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
     # rank 0 alone logs, plots and checkpoints

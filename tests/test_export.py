@@ -215,18 +215,22 @@ def test_export_bad_inputs(tmp_path):
 
 @pytest.mark.skipif(not inference_backend_merged(), reason="needs inference.load_model (issue 9) to dispatch .onnx")
 def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, tmp_path):
+    import predict
+    import test as test_script
     weights, path, _ = exported
     masks = {}
-    for name, source in (("pth", weights), ("onnx", path)):
-        run_cli("predict.py", "--weights", str(source), "--input", str(camvid / "test"), "--out", str(tmp_path / name),
-                "--device", "cpu")
+    for name, source in (("pth", weights), ("onnx", path)):  # PyTorch in fp32, as ONNX Runtime runs
+        predict.main(predict.get_args_parser().parse_args(
+            ["--weights", str(source), "--input", str(camvid / "test"), "--out", str(tmp_path / name), "--device", "cpu",
+             "--workers", "0", "--no-amp"]))
         masks[name] = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
     assert masks["onnx"].shape == masks["pth"].shape and len(masks["pth"]) == 3
     assert (masks["onnx"] == masks["pth"]).all(-1).mean() >= 0.999
     metrics = {}
     for name, source in (("pth", weights), ("onnx", path)):
-        run_cli("test.py", "--weights", str(source), "--data-root", str(camvid), "--split", "test", "--device", "cpu",
-                "--workers", "0", "--json", str(tmp_path / f"{name}.json"))
+        test_script.main(test_script.get_args_parser().parse_args(
+            ["--weights", str(source), "--data-root", str(camvid), "--split", "test", "--device", "cpu",
+             "--workers", "0", "--no-amp", "--json", str(tmp_path / f"{name}.json")]))
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert abs(metrics["onnx"]["pixel_accuracy"] - metrics["pth"]["pixel_accuracy"]) <= 0.001
 

@@ -114,4 +114,8 @@ def test_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
     assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
     assert utils.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
-    assert utils.amp_dtype(torch.device("cpu"), True) is None and utils.amp_dtype(torch.device("cuda"), False) is None
+    assert utils.amp_dtype(torch.device("cuda"), False) is None and utils.amp_dtype(torch.device("cpu"), False) is None
+    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions runs fp32
+    assert utils.amp_dtype(torch.device("cpu"), True) is None
+    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: True)
+    assert utils.amp_dtype(torch.device("cpu"), True) == torch.bfloat16

@@ -24,6 +24,7 @@ import fixtures_dist as fx  # noqa: E402
 import test as test_script  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
+from budget import Schedule  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fork")
@@ -216,7 +217,7 @@ def restore_into(scaler: torch.amp.GradScaler, saved_scaler: dict) -> train.Run:
     """train.restore on a Run that has the pieces restore touches."""
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule("poly", 2, 4, 0))
     run = train.Run(None, None, model, optimizer, scheduler, scaler, None, None, None, None)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": saved_scaler,
              "epoch": 3, "best_miou": 0.5, "history": [],

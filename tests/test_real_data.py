@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 import cfg
-from conftest import SMALL_TRAIN, run_cli
+import predict
+import test as test_script
+from conftest import SMALL_TRAIN, train_in_process
 from dataset import CamVidDataset, ClassTable, MaskEncoder, find_pairs
 from evalution_segmentaion import ConfusionMatrix
 
@@ -26,14 +28,16 @@ def test_real_splits_pair_and_encode():
 
 def test_train_test_predict_on_real_images(tmp_path):
     out = tmp_path / "run"
-    run_cli("train.py", "--data-root", ROOT, "--out", str(out), *SMALL_TRAIN, "--limit", "2", "--epochs", "1",
-            "--downscale", "4")
+    train_in_process("--data-root", ROOT, "--out", str(out), *SMALL_TRAIN, "--limit", "2", "--epochs", "1",
+                     "--downscale", "4")
     report = tmp_path / "test.json"
-    run_cli("test.py", "--data-root", ROOT, "--weights", str(out / "best.pth"), "--split", "test", "--limit", "2",
-            "--json", str(report), "--workers", "0", "--batch-size", "1")
+    test_script.main(test_script.get_args_parser().parse_args(
+        ["--data-root", ROOT, "--weights", str(out / "best.pth"), "--split", "test", "--limit", "2",
+         "--json", str(report), "--workers", "0", "--batch-size", "1"]))
     metrics = json.loads(report.read_text())
-    run_cli("predict.py", "--weights", str(out / "best.pth"), "--input", str(Path(ROOT) / "test"),
-            "--out", str(tmp_path / "masks"))
+    predict.main(predict.get_args_parser().parse_args(
+        ["--weights", str(out / "best.pth"), "--input", str(Path(ROOT) / "test"), "--out", str(tmp_path / "masks"),
+         "--workers", "0"]))
     assert len(list((tmp_path / "masks").glob("*.png"))) == 4
     # test.py's numbers, recomputed from predict.py's colour masks of the same two images and their truth
     table = ClassTable.from_csv(Path(ROOT) / "class_dict.csv")

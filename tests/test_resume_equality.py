@@ -4,7 +4,7 @@ import csv
 
 import torch
 
-from conftest import SMALL_TRAIN, run_cli
+from conftest import SMALL_TRAIN, train_in_process
 
 # The CamVid recipe on the tiny data: 2 steps an epoch, warm-up over epoch 1, poly decay after it.
 RECIPE = ["--recipe", "camvid", "--warmup-epochs", "1", "--seed", "3", "--workers", "2"]
@@ -23,7 +23,7 @@ def weights(path):
 
 def test_resumed_run_equals_an_uninterrupted_one(camvid, tmp_path):
     def train(out, *extra):
-        run_cli("train.py", "--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN, *RECIPE, *extra)
+        train_in_process("--data-root", str(camvid), "--out", str(out), *SMALL_TRAIN, *RECIPE, *extra)
     train(tmp_path / "whole", "--epochs", "3")
     train(tmp_path / "resumed", "--epochs", "1")
     train(tmp_path / "resumed", "--epochs", "3", "--resume")
