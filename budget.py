@@ -12,8 +12,15 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
+
+import run_folder
 from cfg import UserError
+
+if TYPE_CHECKING:
+    from train import Run
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
@@ -174,6 +181,57 @@ def choose_epochs(budget: Budget, cost: EpochCost, eval_every: int, save_every: 
                              f"(the first took {budget.spent():.0f} s with start-up, one more needs ~{one_more:.0f} s); "
                              f"the smallest budget that works here is about {format_duration(smallest)}")
     return 1 + more
+
+
+# ---------------------------------------------------------------- the bookkeeping of a budgeted run
+
+def steady_train_seconds(run: Run, started: float, ended: float, steps: int) -> float:
+    """An epoch's training time without the one-off start-up: the steps after this process's first one,
+    scaled to the whole epoch (the whole time when the epoch had a single step)."""
+    first = run.loop.first_step_end
+    if first is None or first <= started or steps < 2:
+        return ended - started
+    return (ended - first) * run.schedule.steps_per_epoch / (steps - 1)
+
+
+def plan(run: Run, cost: EpochCost) -> None:
+    """Fix the epoch count from the measured epoch (rank 0 decides, every rank follows), re-plan the schedule
+    from this step on, and say so in one line."""
+    args, budget = run.args, run.budget
+    epochs, too_small = 0, None
+    if run.loop.dist.is_main:
+        try:
+            epochs = choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs)
+        except BudgetTooSmall as error:
+            too_small = error
+    if run.loop.dist.enabled:  # every rank takes rank 0's choice, or its refusal (0)
+        choice = torch.full((1,), epochs, device=run.loop.device, dtype=torch.int64)
+        torch.distributed.broadcast(choice, src=0)
+        epochs = int(choice.item())
+    if epochs == 0:
+        if run.loop.dist.is_main:
+            run_folder.write_results(run, str(too_small), run.history[-1]["epoch"])
+        raise too_small or BudgetTooSmall("--time-budget: too short for a second epoch (rank 0 names the budget)")
+    budget.epochs, budget.cost = epochs, cost
+    run.schedule.replan(epochs, run.scheduler.last_epoch)
+    args.epochs, args.warmup_epochs = epochs, run.schedule.warmup_epochs
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):  # the next step's rate, re-planned
+        group["lr"] = base * run.schedule(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    if run.loop.dist.is_main:
+        per_epoch = time_needed(epochs - 1, cost, args.eval_every, args.save_every) / (epochs - 1)
+        print(f"time budget {format_duration(budget.seconds)}: {epochs} epochs of ~{per_epoch:.1f} s "
+              f"(train {cost.train:.1f} s, val {cost.val:.1f} s every {args.eval_every}, checkpoint {cost.save:.1f} s; "
+              f"{budget.spent():.0f} s spent), warm-up {run.schedule.warmup_epochs}")
+
+
+def out_of_time_for_validation(run: Run) -> bool:
+    """Whether the deadline leaves no room to validate this epoch and save: then stop cleanly instead."""
+    budget = run.budget
+    if budget is None or budget.cost is None or not budget.left() < budget.cost.val + budget.stop_reserve():
+        return False
+    run.loop.stop.request("time budget")
+    return True
 
 
 class BudgetTooSmall(UserError):

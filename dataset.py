@@ -320,7 +320,7 @@ def pair_split(root: str | Path, split: str) -> tuple[list[Pair], list[str]]:
     """The pairs of a split (<stem>.<ext> in split/ with <stem>_L.<ext> in split_labels/) and a line for
     every pairing problem; the pairs list holds only complete pairs."""
     image_dir, mask_dir = Path(root) / split, Path(root) / f"{split}_labels"
-    missing = [f"{folder}: folder not found (expected the CamVid layout, see README)"
+    missing = [f"{folder}: folder not found (expected the CamVid layout, see docs/data.md)"
                for folder in (image_dir, mask_dir) if not folder.is_dir()]
     if missing:
         return [], missing

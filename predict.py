@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--weights", required=True, help="checkpoint written by train.py, or an exported .onnx")
     add("--input", nargs="+", required=True, metavar="PATH", help="image or video files and/or folders")
-    add("--out", required=True, type=Path, help="output folder (see README: names mirror the inputs)")
+    add("--out", required=True, type=Path, help="output folder (names mirror the inputs: docs/inference.md)")
     add("--format", default="color", choices=("color", "index", "both"),
         help="color: <name>.png colour mask; index: <name>.png 8-bit class indices; both: colour + <name>_index.png")
     add("--overlay", action="store_true", help="also write <name>_overlay.png (video: the overlay, not the mask)")

@@ -177,3 +177,33 @@ def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
     if args.backbone_lr_mult != mult:
         raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
                         f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
+
+
+def diverged(run: Run, epoch: int, error: Exception) -> None:
+    """NaN/inf loss: keep the last good last.pth, write a pending better best.pth, curves, samples of the
+    last good weights and results.json (rank 0)."""
+    if not run.loop.dist.is_main:
+        return
+    good = run.best["model"] if run.best is not None else None
+    save_best(run)
+    if good is None and (run.args.out / "best.pth").is_file():
+        good = utils.load_checkpoint(run.args.out / "best.pth")["model"]
+    try:
+        if good is not None:
+            utils.unwrap(run.model).load_state_dict(good)
+    except RuntimeError:  # a best.pth of another model left in the folder: no samples rather than wrong ones
+        good = None
+    write_plots(run, samples=good is not None)
+    write_results(run, f"diverged: {error}", epoch)
+
+
+def finish(run: Run) -> None:
+    """The last epoch's checkpoint and results.json of a completed run (rank 0)."""
+    if not run.loop.dist.is_main:
+        return
+    if run.start_epoch > run.args.epochs:
+        print(f"{run.args.out / 'last.pth'} already has {run.start_epoch - 1} epochs; raise --epochs to train more")
+    elif run.history:
+        if run.saved_epoch != run.history[-1]["epoch"]:  # a budget fixed the count after the last epoch's check
+            save(run, run.history[-1]["epoch"])
+        write_results(run)

@@ -445,7 +445,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=100, help="epochs to train (with --time-budget: the most it may choose)")
     add("--time-budget", metavar="DURATION",
         help="train the best schedule that fits: 90s, 20m, 1.5h or seconds for the whole run; after the first "
-             "epoch it fixes the epoch count that fits and anneals the lr to 0 by the deadline")
+             "epoch it fixes the epoch count that fits and anneals the lr to 0 by the deadline (none: no budget, "
+             "e.g. after --recipe camvid-cpu)")
     add("--batch-size", type=int, default=8, help="per process")
     add("--accum-steps", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step: --batch-size 2 --accum-steps 4 trains "
@@ -485,7 +486,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="mixed precision: bf16 (fp16 on GPUs without bf16) on CUDA, bf16 on CPUs with native bf16; the loss "
              "stays fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-        help="NHWC memory format (faster convolutions on CUDA and on this project's CPU bench)")
+        help="NHWC memory format (faster convolutions on CUDA and in oneDNN on CPUs)")
     add("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused optimizer kernels on CUDA")
     add("--compile", nargs="?", const="inductor", metavar="BACKEND",
         help="torch.compile the training model (alone: the inductor backend)")
@@ -535,6 +536,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     if args.workers < 0:
         raise UserError(f"--workers: expected >= 0, got {args.workers}")
+    if args.time_budget is not None and args.time_budget.strip().lower() == "none":
+        args.time_budget = None
     if args.time_budget is not None:
         time_budget.parse_duration(args.time_budget)
         if args.epochs < 2:
@@ -653,10 +656,10 @@ def fit(run: Run) -> None:
             if not train_and_validate(run, epoch):
                 return stop(run, epoch)
         except TrainingDiverged as error:
-            diverged(run, epoch, error)
+            run_folder.diverged(run, epoch, error)
             raise
         epoch += 1
-    finish(run)
+    run_folder.finish(run)
 
 
 def train_and_validate(run: Run, epoch: int) -> bool:
@@ -671,62 +674,14 @@ def train_and_validate(run: Run, epoch: int) -> bool:
     trained = time.perf_counter()
     run.done["train_seconds"] += trained - started
     steps = run.done["steps"] - steps_before
-    if not finished or out_of_time_for_validation(run):
+    if not finished or time_budget.out_of_time_for_validation(run):
         return False
     metrics = validate(run, epoch)
     val_seconds = time.perf_counter() - trained
     saved = end_of_epoch(run, epoch, metrics, val_seconds)
     if run.budget is not None and run.budget.epochs is None:
-        plan_budget(run, EpochCost(steady_train_seconds(run, started, trained, steps), val_seconds, saved))
-    return True
-
-
-def steady_train_seconds(run: Run, started: float, ended: float, steps: int) -> float:
-    """An epoch's training time without the one-off start-up: the steps after this process's first one,
-    scaled to the whole epoch (the whole time when the epoch had a single step)."""
-    first = run.loop.first_step_end
-    if first is None or first <= started or steps < 2:
-        return ended - started
-    return (ended - first) * run.schedule.steps_per_epoch / (steps - 1)
-
-
-def plan_budget(run: Run, cost: EpochCost) -> None:
-    """Fix the epoch count from the measured epoch (rank 0 decides, every rank follows), re-plan the schedule
-    from this step on, and say so in one line."""
-    args, budget = run.args, run.budget
-    epochs, too_small = 0, None
-    if run.loop.dist.is_main:
-        try:
-            epochs = time_budget.choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs)
-        except BudgetTooSmall as error:
-            too_small = error
-    if run.loop.dist.enabled:  # every rank takes rank 0's choice, or its refusal (0)
-        choice = torch.full((1,), epochs, device=run.loop.device, dtype=torch.int64)
-        torch.distributed.broadcast(choice, src=0)
-        epochs = int(choice.item())
-    if epochs == 0:
-        if run.loop.dist.is_main:
-            run_folder.write_results(run, str(too_small), run.history[-1]["epoch"])
-        raise too_small or BudgetTooSmall("--time-budget: too short for a second epoch (rank 0 names the budget)")
-    budget.epochs, budget.cost = epochs, cost
-    run.schedule.replan(epochs, run.scheduler.last_epoch)
-    args.epochs, args.warmup_epochs = epochs, run.schedule.warmup_epochs
-    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):  # the next step's rate, re-planned
-        group["lr"] = base * run.schedule(run.scheduler.last_epoch)
-    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
-    if run.loop.dist.is_main:
-        per_epoch = time_budget.time_needed(epochs - 1, cost, args.eval_every, args.save_every) / (epochs - 1)
-        print(f"time budget {time_budget.format_duration(budget.seconds)}: {epochs} epochs of ~{per_epoch:.1f} s "
-              f"(train {cost.train:.1f} s, val {cost.val:.1f} s every {args.eval_every}, checkpoint {cost.save:.1f} s; "
-              f"{budget.spent():.0f} s spent), warm-up {run.schedule.warmup_epochs}")
-
-
-def out_of_time_for_validation(run: Run) -> bool:
-    """Whether the deadline leaves no room to validate this epoch and save: then stop cleanly instead."""
-    budget = run.budget
-    if budget is None or budget.cost is None or not budget.left() < budget.cost.val + budget.stop_reserve():
-        return False
-    run.loop.stop.request("time budget")
+        cost = EpochCost(time_budget.steady_train_seconds(run, started, trained, steps), val_seconds, saved)
+        time_budget.plan(run, cost)
     return True
 
 
@@ -754,33 +709,6 @@ def stop(run: Run, epoch: int) -> None:
               "--resume and a larger --time-budget to finish" if reason == "time budget"
               else "Resume with the same command plus --resume")
     print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}. {advice}.")
-
-
-def diverged(run: Run, epoch: int, error: Exception) -> None:
-    """NaN/inf loss: keep the last good last.pth, write a pending better best.pth, curves, samples of the
-    last good weights and results.json (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    good = run.best["model"] if run.best is not None else None
-    run_folder.save_best(run)
-    if good is None and (run.args.out / "best.pth").is_file():
-        good = utils.load_checkpoint(run.args.out / "best.pth")["model"]
-    if good is not None:
-        unwrap(run.model).load_state_dict(good)
-    run_folder.write_plots(run, samples=good is not None)
-    run_folder.write_results(run, f"diverged: {error}", epoch)
-
-
-def finish(run: Run) -> None:
-    """The last epoch's checkpoint and results.json of a completed run (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    if run.start_epoch > run.args.epochs:
-        print(f"{run.args.out / 'last.pth'} already has {run.start_epoch - 1} epochs; raise --epochs to train more")
-    elif run.history:
-        if run.saved_epoch != run.history[-1]["epoch"]:  # a budget fixed the count after the last epoch's check
-            run_folder.save(run, run.history[-1]["epoch"])
-        run_folder.write_results(run)
 
 
 def stop_workers(loader: DataLoader) -> None:

@@ -202,6 +202,9 @@ def test_time_budget_flags(data, tmp_path):
     with pytest.raises(UserError, match="--time-budget needs --epochs of at least 2"):
         train.setup(train.parse_args(fx.train_args(data, tmp_path, "--time-budget", "1m", "--epochs", "1")[1:]))
     assert train.parse_args(["--recipe", "camvid-cpu"]).time_budget == "60m"
+    args = train.parse_args(fx.train_args(data, tmp_path, "--recipe", "camvid-cpu", "--time-budget", "none")[1:])
+    train.check_args(args)
+    assert args.time_budget is None
 
 
 def test_a_budget_too_small_for_two_epochs_is_one_line_naming_one_that_works(data, tmp_path, monkeypatch):

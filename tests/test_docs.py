@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SCRIPTS = ("train.py", "test.py", "predict.py", "export.py", "bench.py", "dataset.py", "tools/mutants.py")
+SCRIPTS = ("train.py", "test.py", "predict.py", "export.py", "bench.py", "dataset.py", "tools/mutants.py",
+           "tools/compare_precision.py")
 LAUNCHERS = ("torchrun", "torch.distributed.run")  # `torchrun ... train.py ...`, `python -m torch.distributed.run`
 SEPARATORS = ("&&", "||", ";", "|")
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -122,8 +123,8 @@ def strict(parser: argparse.ArgumentParser, prog: str) -> argparse.ArgumentParse
 
 
 def load_script(script: str):
-    if script == "tools/mutants.py":
-        spec = importlib.util.spec_from_file_location("tools_mutants", REPO / script)
+    if script.startswith("tools/"):
+        spec = importlib.util.spec_from_file_location("tools_" + Path(script).stem, REPO / script)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -105,7 +105,7 @@ def test_check_lists_every_problem_of_every_file(tmp_path, capsys):
 def test_check_requires_train_and_val(tmp_path, capsys):
     root = write_camvid(tmp_path / "CamVid", {"train": 1})
     error, _, problems = check(root, capsys)
-    missing = "folder not found (expected the CamVid layout, see README)"
+    missing = "folder not found (expected the CamVid layout, see docs/data.md)"
     assert error is not None and problems == [f"{root / 'val'}: {missing}", f"{root / 'val_labels'}: {missing}"]
 
 

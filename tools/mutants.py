@@ -138,7 +138,7 @@ MUTANTS = [
     Mutant("class-weights-not-in-loss", "train.py", 'return SegmentationLoss(weight, args.ohem).to(device)',
            'return SegmentationLoss(None, args.ohem).to(device)', RECIPE),
     # time budget and the run folder
-    Mutant("budget-keeps-the-provisional-schedule", "train.py", "    run.schedule.replan(epochs, run.scheduler.last_epoch)\n",
+    Mutant("budget-keeps-the-provisional-schedule", "budget.py", "    run.schedule.replan(epochs, run.scheduler.last_epoch)\n",
            "", BUDGET),
     Mutant("budget-ignores-validation-cost", "budget.py", "    work = epochs * cost.train + validations * cost.val\n",
            "    work = epochs * cost.train\n", BUDGET),
@@ -151,7 +151,7 @@ MUTANTS = [
            "        vars(plan).update(fresh)\n", BUDGET),
     Mutant("no-checkpoint-at-the-first-validation", "run_folder.py", "    first = validated and not run.checkpointed\n",
            "    first = False\n", ("tests/test_interrupt.py", "-k", "save_every or sigkill_in_epoch_two")),
-    Mutant("divergence-overwrites-last", "train.py", "            diverged(run, epoch, error)\n",
+    Mutant("divergence-overwrites-last", "train.py", "            run_folder.diverged(run, epoch, error)\n",
            "            run_folder.save(run, epoch)\n", BUDGET),
     Mutant("stop-writes-no-results", "train.py", '    run_folder.write_results(run, f"{reason}: {where}", epoch)\n', "",
            ("tests/test_interrupt.py", "-k", "sigterm_mid_epoch")),
