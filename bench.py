@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import functools
@@ -438,14 +437,9 @@ def efficiency(train_tflops: float, matmul_tflops: float | None, gpu: str | None
 
 
 def device_name(device: torch.device) -> str:
-    """utils.device_name, plus on CPU the processor model and the threads torch uses."""
+    """utils.device_name, plus on CPU the threads torch uses."""
     name = utils.device_name(device)
-    if device.type == "cuda":
-        return name
-    with contextlib.suppress(OSError, IndexError):
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        name = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")][0] + ", " + name
-    return f"{name}, torch uses {torch.get_num_threads()} threads"
+    return name if device.type == "cuda" else f"{name}, torch uses {torch.get_num_threads()} threads"
 
 
 def run_info(args: argparse.Namespace, plan: Plan, device: torch.device, modes: dict[str, Mode]) -> dict:

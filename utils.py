@@ -37,7 +37,11 @@ def device_name(device: torch.device) -> str:
     """A readable name of the device for logs and results.json."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
+    model = ""
+    with contextlib.suppress(OSError, IndexError):  # Linux names the processor in /proc/cpuinfo
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")][0] + ", "
+    return f"cpu ({model}{os.cpu_count()} cores)"
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
