@@ -94,6 +94,29 @@ def train_in_process(*argv: str) -> None:
         train.main(train.parse_args(list(argv)))
 
 
+def fit_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> None:
+    """train.fit in this process (pytest keeps its signal handlers, and a budget's clock starts at set-up, not
+    with pytest's process); optionally a stop request after N optimizer steps. Undoes `monkeypatch` after."""
+    import budget
+    import train
+    import utils
+    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
+    monkeypatch.setattr(budget, "process_age", lambda: 0.0)
+    run = train.setup(train.parse_args(args))
+    if stop_after is not None:
+        step, steps = train.optimizer_step, []
+
+        def counting_step(*a, **k):
+            step(*a, **k)
+            steps.append(1)
+            run.loop.stop.requested = len(steps) >= stop_after
+        monkeypatch.setattr(train, "optimizer_step", counting_step)
+    try:
+        train.fit(run)
+    finally:
+        monkeypatch.undo()
+
+
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a repo script (train.py, test.py, ...) with this Python."""
     return run([sys.executable, *args], check=check, timeout=timeout)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from conftest import SMALL_TRAIN, write_camvid
+from conftest import SMALL_TRAIN, fit_in_process, write_camvid
 
 import train
 import utils
@@ -83,24 +83,6 @@ def test_an_all_void_batch_adds_nothing():
     loss = train.SegmentationLoss()
     logits, labels = torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)
     assert loss(logits, labels).item() == 0.0  # not NaN: the run goes on
-
-
-def fit_in_process(args: list[str], monkeypatch, stop_after: int | None = None) -> None:
-    """train.fit without signal handlers in the test process; optionally a stop request after N optimizer steps."""
-    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
-    run = train.setup(train.parse_args(args))
-    if stop_after is not None:
-        step, steps = train.optimizer_step, []
-
-        def counting_step(*a, **k):
-            step(*a, **k)
-            steps.append(1)
-            run.loop.stop.requested = len(steps) >= stop_after
-        monkeypatch.setattr(train, "optimizer_step", counting_step)
-    try:
-        train.fit(run)
-    finally:
-        monkeypatch.undo()
 
 
 def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, capsys):

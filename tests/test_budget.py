@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
+from conftest import fit_in_process  # noqa: E402
 
 import budget  # noqa: E402
 import train  # noqa: E402
@@ -129,26 +130,6 @@ def test_a_budgeted_run_ends_in_time_annealed_with_a_complete_folder(data, tmp_p
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["completed"] and results["time_budget"]["epochs"] == epochs
     assert results["time_budget"]["spent"] <= seconds
-
-
-def fit_in_process(args: list[str], monkeypatch, stop_after: int | None = None) -> None:
-    """train.fit in this process (pytest keeps its signal handlers, and the budget's clock starts at set-up,
-    not with pytest's process); optionally a stop after N optimizer steps."""
-    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
-    monkeypatch.setattr(budget, "process_age", lambda: 0.0)
-    run = train.setup(train.parse_args(args))
-    if stop_after is not None:
-        step, steps = train.optimizer_step, []
-
-        def counting_step(*a, **k):
-            step(*a, **k)
-            steps.append(1)
-            run.loop.stop.requested = len(steps) >= stop_after
-        monkeypatch.setattr(train, "optimizer_step", counting_step)
-    try:
-        train.fit(run)
-    finally:
-        monkeypatch.undo()
 
 
 def test_a_stopped_budgeted_run_resumes_on_its_plan(data, tmp_path, monkeypatch, capsys):
