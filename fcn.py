@@ -1,4 +1,6 @@
-"""FCN-32s / 16s / 8s (Long, Shelhamer, Darrell 2015) on a torchvision VGG16 backbone."""
+"""FCN-32s / 16s / 8s (Long, Shelhamer, Darrell 2015) on a torchvision classifier: VGG16 as in the paper,
+or ResNet and MobileNetV3, whose stride-8/16/32 features are taken by node name (torchvision's feature
+extraction) and whose fully connected hidden layers, if any, become convolutions."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,12 +10,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import cfg
 from cfg import UserError
 
 VARIANTS = ("fcn32s", "fcn16s", "fcn8s")
-BACKBONES = ("vgg16", "vgg16_bn")
+STRIDES = (8, 16, 32)  # the skips of FCN-8s (pool3, pool4) and the deepest features (pool5)
+
+
+@dataclass(frozen=True)
+class Head:
+    """A classifier's fully connected hidden layers, convolutionalised (the paper's fc6/fc7): `kernel` is the
+    spatial size the first one reads (VGG's 7×7 pool5), `width` their channels, `sources` the Linear layers
+    of the torchvision classifier whose ImageNet weights they take."""
+
+    kernel: int
+    width: int
+    sources: tuple[str, ...]
+    activation: type[nn.Module]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How FCN reads one torchvision classifier: the nodes whose outputs have stride 8, 16 and 32 (None: the
+    3rd-5th max-pools, VGG's pool3-pool5) and its convolutionalised hidden layers (None: it has none, only
+    the final classifier layer that the zero-initialised score layer replaces)."""
+
+    taps: tuple[str, str, str] | None
+    head: Head | None
+
+
+VGG_HEAD = Head(7, 4096, ("classifier.0", "classifier.3"), nn.ReLU, 0.5)
+RESNET = Backbone(("layer2", "layer3", "layer4"), None)
+BACKBONES = {
+    "vgg16": Backbone(None, VGG_HEAD),
+    "vgg16_bn": Backbone(None, VGG_HEAD),
+    "resnet18": RESNET,
+    "resnet34": RESNET,
+    "resnet50": RESNET,
+    # The last block of each stride: features.6 (40 ch), .12 (112 ch), .16 (the 960-ch 1×1 conv)
+    "mobilenet_v3_large": Backbone(("features.6", "features.12", "features.16"),
+                                   Head(1, 1280, ("classifier.0",), nn.Hardswish, 0.2)),
+}
 
 
 @dataclass
@@ -23,13 +63,25 @@ class FCNConfig:
     variant: str = "fcn8s"
     backbone: str = "vgg16_bn"
     num_classes: int = 11
-    fc_width: int = 4096  # fc6/fc7 channels; the paper's 4096 (tests use a narrow net)
+    fc_width: int | None = None  # width of the convolutionalised hidden layers; None: the classifier's own
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise UserError(f"--model: expected one of {', '.join(VARIANTS)}, got '{self.variant}'")
         if self.backbone not in BACKBONES:
             raise UserError(f"--backbone: expected one of {', '.join(BACKBONES)}, got '{self.backbone}'")
+        head = BACKBONES[self.backbone].head
+        if self.fc_width is not None and head is None:
+            raise UserError(f"--fc-width: {self.backbone} has no fully connected hidden layers to narrow "
+                            "(its features feed the score layer directly)")
+        if self.fc_width is not None and self.fc_width < 1:
+            raise UserError(f"--fc-width: expected a positive integer, got {self.fc_width}")
+
+    @property
+    def width(self) -> int | None:
+        """The hidden layers' width in effect (None when the backbone has none)."""
+        head = BACKBONES[self.backbone].head
+        return None if head is None else self.fc_width or head.width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,32 +115,64 @@ def zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
     return layer
 
 
+def classifier(name: str) -> nn.Module:
+    """The torchvision classifier, freshly initialised (its own init: Kaiming for ResNets, ...)."""
+    return models.get_model(name, weights=None)
+
+
+def tap_nodes(name: str, network: nn.Module) -> tuple[str, str, str]:
+    """The node names of the stride-8, -16 and -32 features of a torchvision classifier."""
+    taps = BACKBONES[name].taps
+    if taps is not None:
+        return taps
+    pools = [f"features.{child}" for child, layer in network.features.named_children()
+             if isinstance(layer, nn.MaxPool2d)]
+    return pools[2], pools[3], pools[4]
+
+
 class FCN(nn.Module):
-    """One parametrised FCN: VGG16 features, convolutionalised fc6/fc7, skips from pool4 (16s) and pool3 (8s)."""
+    """One parametrised FCN: the backbone's stride-8/16/32 features, its hidden layers as convolutions (VGG's
+    fc6/fc7), and skips from stride 16 (FCN-16s) and stride 8 (FCN-8s), as pool4 and pool3 in the paper."""
 
     def __init__(self, config: FCNConfig):
         super().__init__()
         self.config = config
-        vgg = getattr(models, config.backbone)(weights=None)
-        self.features = vgg.features  # same keys as torchvision: features.N.*
-        pools = [i for i, layer in enumerate(self.features) if isinstance(layer, nn.MaxPool2d)]
-        self.pool3_index, self.pool4_index = pools[2], pools[3]
-        width, classes = config.fc_width, config.num_classes
-        self.fc6 = nn.Conv2d(512, width, 7, padding=3)
-        self.fc7 = nn.Conv2d(width, width, 1)
-        self.drop6, self.drop7 = nn.Dropout2d(0.5), nn.Dropout2d(0.5)
-        self.score_fr = zero_conv(width, classes)
+        network = classifier(config.backbone)
+        self.taps = tap_nodes(config.backbone, network)
+        # Same parameter names as the classifier's, under backbone.: ImageNet weights load by name
+        self.backbone = create_feature_extractor(network, {node: str(stride) for node, stride in zip(self.taps, STRIDES)})
+        channels = self.tap_channels()
+        classes, head, width = config.num_classes, BACKBONES[config.backbone].head, config.width
+        if head is not None:
+            self.fc6 = nn.Conv2d(channels[32], width, head.kernel, padding=head.kernel // 2)
+            self.act6, self.drop6 = head.activation(), nn.Dropout2d(head.dropout)
+            if len(head.sources) > 1:
+                self.fc7 = nn.Conv2d(width, width, 1)
+                self.act7, self.drop7 = head.activation(), nn.Dropout2d(head.dropout)
+        self.score_fr = zero_conv(width or channels[32], classes)
         if config.variant == "fcn32s":
             self.upscore = upsampler(classes, 32)
         else:
-            self.score_pool4 = zero_conv(512, classes)
+            self.score_pool4 = zero_conv(channels[16], classes)
             self.upscore2 = upsampler(classes, 2)
         if config.variant == "fcn16s":
             self.upscore = upsampler(classes, 16)
         if config.variant == "fcn8s":
-            self.score_pool3 = zero_conv(256, classes)
+            self.score_pool3 = zero_conv(channels[8], classes)
             self.upscore_pool4 = upsampler(classes, 2)
             self.upscore = upsampler(classes, 8)
+
+    @torch.no_grad()
+    def tap_channels(self) -> dict[int, int]:
+        """Channels at each stride, from one small probe; a tap at the wrong stride is a bug in BACKBONES."""
+        side = 2 * cfg.MIN_INPUT_SIDE
+        features = self.backbone.eval()(torch.zeros(1, 3, side, side))
+        for stride in STRIDES:
+            if features[str(stride)].shape[-1] != side // stride:
+                raise ValueError(f"{self.config.backbone}: node {self.taps[STRIDES.index(stride)]} has stride "
+                                 f"{side // features[str(stride)].shape[-1]}, not {stride}")
+        self.backbone.train()
+        return {stride: features[str(stride)].shape[1] for stride in STRIDES}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """N×3×H×W -> N×C×H×W logits for any H, W ≥ 32 (padded to a multiple of 32 inside)."""
@@ -96,51 +180,77 @@ class FCN(nn.Module):
         if min(height, width) < cfg.MIN_INPUT_SIDE:
             raise ValueError(f"input {height}x{width} is smaller than {cfg.MIN_INPUT_SIDE}x{cfg.MIN_INPUT_SIDE}")
         # Zero padding of a normalised image is the mean colour; cropped away again below.
-        x = F.pad(images, (0, -width % 32, 0, -height % 32))
-        for index, layer in enumerate(self.features):
-            x = layer(x)
-            if index == self.pool3_index:
-                pool3 = x
-            elif index == self.pool4_index:
-                pool4 = x
-        x = self.drop6(F.relu(self.fc6(x), inplace=True))
-        x = self.drop7(F.relu(self.fc7(x), inplace=True))
+        features = self.backbone(F.pad(images, (0, -width % 32, 0, -height % 32)))
+        x = features["32"]
+        if hasattr(self, "fc6"):
+            x = self.drop6(self.act6(self.fc6(x)))
+        if hasattr(self, "fc7"):
+            x = self.drop7(self.act7(self.fc7(x)))
         score = self.score_fr(x)
         if self.config.variant != "fcn32s":
-            score = self.upscore2(score) + self.score_pool4(pool4)
+            score = self.upscore2(score) + self.score_pool4(features["16"])
         if self.config.variant == "fcn8s":
-            score = self.upscore_pool4(score) + self.score_pool3(pool3)
+            score = self.upscore_pool4(score) + self.score_pool3(features["8"])
         return self.upscore(score)[..., :height, :width]
 
 
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A VGG checkpoint written before the backbone was a feature extractor (features.N.* at the top level)
+    with today's names (backbone.features.N.*)."""
+    return {(f"backbone.{key}" if key.startswith("features.") else key): value for key, value in state.items()}
+
+
 def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet VGG weights (downloaded once into the torch hub cache)."""
-    weights = models.get_model_weights(backbone).IMAGENET1K_V1
+    """torchvision's ImageNet weights of the classifier (through its weights API, cached in the torch hub)."""
+    weights = models.get_model_weights(backbone).DEFAULT
     try:
         return weights.get_state_dict(progress=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         raise UserError(f"--pretrained: cannot download {weights.url} ({exc}); "
-                        "pass --pretrained PATH to a torchvision VGG16 state dict on disk") from exc
+                        f"pass --pretrained PATH to a torchvision {backbone} state dict on disk") from exc
 
 
-def load_vgg_weights(model: FCN, source: str) -> None:
-    """Load a torchvision-format VGG16 state dict ('imagenet' or a file) into features, fc6 and fc7."""
+def check_pretrainable(config: FCNConfig) -> None:
+    """Refuse, before any download, a model that ImageNet weights cannot fill: narrowed hidden layers."""
+    head = BACKBONES[config.backbone].head
+    if head is not None and config.width != head.width:
+        raise UserError(f"--pretrained: {config.backbone}'s ImageNet hidden layers have {head.width} channels, "
+                        f"the model has --fc-width {config.width}; drop --fc-width to use them")
+
+
+def load_pretrained(model: FCN, source: str) -> None:
+    """Load a torchvision classifier's state dict ('imagenet': the weights API's download, or a file) into the
+    backbone, and its fully connected hidden layers, reshaped into convolutions, into fc6 (and fc7)."""
+    config = model.config
+    check_pretrainable(config)
     if source == "imagenet":
-        state = imagenet_state_dict(model.config.backbone)
+        state = imagenet_state_dict(config.backbone)
     else:
         if not Path(source).is_file():
             raise UserError(f"--pretrained: {source} not found")
         state = torch.load(source, map_location="cpu", weights_only=True)
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    try:
-        model.features.load_state_dict(features)
-    except RuntimeError as exc:
-        raise UserError(f"--pretrained {source}: not a {model.config.backbone} state dict "
-                        f"({str(exc).splitlines()[0]})") from exc
-    if model.config.fc_width != 4096:
-        raise UserError(f"--pretrained needs fc_width 4096, the model has {model.config.fc_width}")
-    with torch.no_grad():  # the paper's convolutionalisation: fc weights reshaped into conv kernels
-        model.fc6.weight.copy_(state["classifier.0.weight"].view(4096, 512, 7, 7))
-        model.fc6.bias.copy_(state["classifier.0.bias"])
-        model.fc7.weight.copy_(state["classifier.3.weight"].view(4096, 4096, 1, 1))
-        model.fc7.bias.copy_(state["classifier.3.bias"])
+    if not isinstance(state, dict):
+        raise UserError(f"--pretrained {source}: not a state dict (a torchvision {config.backbone}'s state_dict())")
+    loaded = {}
+    for key, target in model.state_dict().items():
+        name = source_name(config.backbone, key)
+        if name is None:
+            continue
+        value = state.get(name)
+        expected = target.shape if target.ndim < 2 or key.startswith("backbone.") else target.flatten(1).shape
+        if not isinstance(value, torch.Tensor) or value.shape != expected:
+            found = "missing" if value is None else f"shape {list(value.shape)}"
+            raise UserError(f"--pretrained {source}: not a {config.backbone} state dict "
+                            f"({name}: expected shape {list(expected)}, {found})")
+        loaded[key] = value.reshape(target.shape)  # the paper's convolutionalisation: fc weights as kernels
+    model.load_state_dict(loaded, strict=False)
+
+
+def source_name(backbone: str, key: str) -> str | None:
+    """The classifier's name for an FCN parameter or buffer it takes from ImageNet weights (None: FCN's own)."""
+    if key.startswith("backbone."):
+        return key.removeprefix("backbone.")
+    head = BACKBONES[backbone].head
+    layer, _, kind = key.partition(".")
+    sources = dict(zip(("fc6", "fc7"), head.sources if head else ()))
+    return f"{sources[layer]}.{kind}" if layer in sources else None

@@ -27,7 +27,7 @@ from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
                      check_data_root, label_cache_from_args, normalize_batch,
                      resolve_class_dict)
-from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, load_vgg_weights
+from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, check_pretrainable, load_pretrained, upgrade_state_dict
 from transforms import eval_transform, train_transform
 import utils
 from run_folder import set_times
@@ -260,12 +260,12 @@ def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Pa
 
 def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
     """Weight decay on conv/linear kernels only (biases and BatchNorm parameters are left alone); with
-    backbone_lr_mult != 1 the VGG features get groups of their own whose "lr_mult" scales the lr."""
+    backbone_lr_mult != 1 the backbone's features get groups of their own whose "lr_mult" scales the lr."""
     split = backbone_lr_mult != 1.0
     groups = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            backbone = split and name.startswith("features.")
+            backbone = split and name.startswith("backbone.")
             groups.setdefault((backbone, parameter.ndim > 1), []).append(parameter)
     result = []
     # Head groups first: param_groups[0] keeps the base lr, the one history.csv logs
@@ -322,9 +322,12 @@ def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | Non
     """A fresh model from the flags (plus --pretrained / --init-from), or the resumed checkpoint's."""
     if resumed is not None:
         return utils.model_from_checkpoint(resumed, table, args.out / "last.pth")
-    model = FCN(FCNConfig(args.model, args.backbone, table.num_classes, args.fc_width))
+    config = FCNConfig(args.model, args.backbone, table.num_classes, args.fc_width)
     if args.pretrained:
-        load_vgg_weights(model, args.pretrained)
+        check_pretrainable(config)  # before building a large model or downloading anything
+    model = FCN(config)
+    if args.pretrained:
+        load_pretrained(model, args.pretrained)
     if args.init_from:
         init_from(model, args.init_from, table)
     return model
@@ -334,14 +337,14 @@ def init_from(model: FCN, path: str, table: ClassTable) -> None:
     """Load every layer of a checkpoint whose tensors all fit (another variant or class set); the rest keeps
     its fresh initialisation (zero scoring layers, bilinear upsamplers). One line names what was not loaded."""
     state = utils.load_checkpoint(path)
-    source, target = state["model"], model.state_dict()
+    source, target = upgrade_state_dict(state["model"]), model.state_dict()
     layers: dict[str, list[str]] = {}
     for key in target:
         layers.setdefault(key.rsplit(".", 1)[0], []).append(key)
     # All of a layer's tensors or none: never a loaded bias on a fresh kernel
     fits = {layer: all(k in source and source[k].shape == target[k].shape for k in keys)
             for layer, keys in layers.items()}
-    if not any(ok for layer, ok in fits.items() if layer.startswith("features.")):
+    if not any(ok for layer, ok in fits.items() if layer.startswith("backbone.")):
         raise UserError(f"--init-from {path}: no backbone layer fits this model (another backbone?)")
     model.load_state_dict({k: source[k] for layer, keys in layers.items() if fits[layer] for k in keys},
                           strict=False)
@@ -435,13 +438,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--class-dict", default=None, help="class_dict.csv (default: DATA_ROOT/class_dict.csv, else data/class_dict.csv)")
     add("--recipe", choices=sorted(RECIPES), help="set the defaults of a documented recipe; explicit flags still win")
     add("--model", default="fcn8s", choices=VARIANTS)
-    add("--backbone", default="vgg16_bn", choices=BACKBONES)
-    add("--fc-width", type=int, default=4096, help="fc6/fc7 channels (the paper's 4096; small values for smoke tests)")
+    add("--backbone", default="vgg16_bn", choices=list(BACKBONES), help="torchvision classifier under the FCN head")
+    add("--fc-width", type=int, default=None,
+        help="channels of the convolutionalised hidden layers, fc6/fc7 (default: the classifier's own: VGG 4096, "
+             "MobileNetV3 1280; ResNets have none)")
     add("--pretrained", nargs="?", const="imagenet", default=None,
-        help="ImageNet VGG weights: alone, torchvision's download; with PATH, a torchvision VGG16 state dict")
+        help="the backbone's ImageNet weights: alone, torchvision's download (weights API); with PATH, the "
+             "torchvision classifier's state dict on disk")
     add("--init-from", help="start from another run's checkpoint: every layer whose shape fits (e.g. the fcn32s "
         "best.pth for fcn16s, or a CamVid model for another class set)")
-    add("--backbone-lr-mult", type=float, default=1.0, help="lr factor of the VGG features (e.g. 0.1 when fine-tuning)")
+    add("--backbone-lr-mult", type=float, default=1.0, help="lr factor of the backbone's layers (e.g. 0.1 when fine-tuning)")
     add("--epochs", type=int, default=100, help="epochs to train (with --time-budget: the most it may choose)")
     add("--time-budget", metavar="DURATION",
         help="train the best schedule that fits: 90s, 20m, 1.5h or seconds for the whole run; after the first "
@@ -520,7 +526,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Bad flags become one clear line."""
     for flag in ("epochs", "batch_size", "accum_steps", "eval_batch_size", "fc_width", "log_every", "step_size",
                  "eval_every"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: expected a positive integer, got {args.limit}")

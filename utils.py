@@ -19,7 +19,7 @@ from PIL import Image
 
 from cfg import UserError
 from dataset import ClassTable, colorize
-from fcn import FCN, FCNConfig
+from fcn import FCN, FCNConfig, upgrade_state_dict
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,7 +217,7 @@ def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) ->
         raise UserError(f"{source}: checkpoint predicts {config.num_classes} classes but the class table "
                         f"has {table.num_classes}")
     model = FCN(config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(upgrade_state_dict(state["model"]))
     return model
 
 

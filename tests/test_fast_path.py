@@ -162,12 +162,12 @@ def test_amp_on_a_bf16_cpu_runs_training_and_inference_in_bf16_and_the_loss_in_f
     args = train.parse_args(["--device", "cpu", "--data-root", str(tmp_path)])
     assert utils.amp_dtype(CPU, args.amp) == torch.bfloat16  # what setup() gives the Loop
     seen, trained = [], copy.deepcopy(model).train()  # copied before the hook, which deepcopy would copy too
-    hook = model.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    hook = model.backbone.get_submodule("features.0").register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     losses = []
     real_total = train.SegmentationLoss.total
     monkeypatch.setattr(train.SegmentationLoss, "total",
                         lambda self, logits, labels: losses.append(logits.dtype) or real_total(self, logits, labels))
-    trained.features[0].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    trained.backbone.get_submodule("features.0").register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     images, labels = synthetic_batch(2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.01)

@@ -72,8 +72,8 @@ def test_pretrained_from_path_convolutionalises_fc(tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(vgg.state_dict(), path)
     model = FCN(FCNConfig("fcn32s", "vgg16", num_classes=11))
-    fcn.load_vgg_weights(model, str(path))
-    assert torch.equal(model.features[0].weight, vgg.features[0].weight)
+    fcn.load_pretrained(model, str(path))
+    assert torch.equal(model.backbone.get_submodule("features.0").weight, vgg.features[0].weight)
     assert torch.equal(model.fc6.weight.flatten(1), vgg.classifier[0].weight)
     assert torch.equal(model.fc7.weight.flatten(1), vgg.classifier[3].weight)
     # The convolutionalised fc6 computes the same as the Linear layer on a 7×7 pool5 map.
@@ -85,15 +85,31 @@ def test_pretrained_from_path_convolutionalises_fc(tmp_path):
 def test_pretrained_wrong_backbone_file(tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(models.vgg16(weights=None).state_dict(), path)
-    model = FCN(FCNConfig("fcn8s", "vgg16_bn", num_classes=11, fc_width=8))
+    model = FCN(FCNConfig("fcn8s", "vgg16_bn", num_classes=11))
     with pytest.raises(UserError, match="not a vgg16_bn state dict"):
-        fcn.load_vgg_weights(model, str(path))
+        fcn.load_pretrained(model, str(path))
+
+
+def test_pretrained_narrowed_hidden_layers_are_refused_before_any_download(monkeypatch):
+    monkeypatch.setattr(fcn, "imagenet_state_dict", lambda name: pytest.fail("downloaded before the check"))
+    with pytest.raises(UserError, match="--fc-width 8; drop --fc-width"):
+        fcn.load_pretrained(FCN(FCNConfig("fcn8s", "vgg16", num_classes=11, fc_width=8)), "imagenet")
 
 
 def test_pretrained_without_network_is_one_clear_error(monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(models.VGG16_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
-    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=11, fc_width=8))
+    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=11))
     with pytest.raises(UserError, match="--pretrained: cannot download"):
-        fcn.load_vgg_weights(model, "imagenet")
+        fcn.load_pretrained(model, "imagenet")
+
+
+def test_a_checkpoint_from_before_the_feature_extractor_loads():
+    """VGG checkpoints named the features features.N.*; today they live under backbone.features.N.*."""
+    model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=3, fc_width=8))
+    old = {key.removeprefix("backbone."): value for key, value in model.state_dict().items()}
+    assert "features.0.weight" in old
+    fresh = FCN(FCNConfig("fcn8s", "vgg16", num_classes=3, fc_width=8))
+    fresh.load_state_dict(fcn.upgrade_state_dict(old))
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in model.state_dict().items())

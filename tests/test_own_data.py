@@ -218,7 +218,7 @@ def test_init_from_another_class_count_keeps_the_backbone_and_starts_a_fresh_hea
     train.init_from(target, str(camvid_checkpoint), table_of(tmp_path, 5))
     source = torch.load(camvid_checkpoint, weights_only=True)["model"]
     for name, tensor in source.items():
-        if name.startswith(("features.", "fc6.", "fc7.")):
+        if name.startswith(("backbone.", "fc6.", "fc7.")):
             assert torch.equal(target.state_dict()[name], tensor), name
     for layer in (target.score_fr, target.score_pool4, target.score_pool3):
         assert not layer.weight.any() and not layer.bias.any()
@@ -236,13 +236,13 @@ def test_init_from_loads_a_layer_whole_or_not_at_all(tmp_path, camvid_checkpoint
     train.init_from(target, str(camvid_checkpoint), table_of(tmp_path, 11))
     assert not target.score_fr.bias.any()
     source = torch.load(camvid_checkpoint, weights_only=True)["model"]
-    assert torch.equal(target.features[0].weight, source["features.0.weight"])
+    assert torch.equal(target.backbone.get_submodule("features.0").weight, source["backbone.features.0.weight"])
 
 
 def test_init_from_refuses_a_checkpoint_without_a_fitting_backbone_layer(tmp_path):
     config = FCNConfig("fcn8s", "vgg16", 11, fc_width=8)
     model = FCN(config)
-    foreign = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.startswith("features.") else v
+    foreign = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.startswith("backbone.") else v
                for k, v in model.state_dict().items()}
     utils.save_checkpoint({"model": foreign, "config": {"model": config.to_dict()}}, tmp_path / "foreign.pth")
     with pytest.raises(UserError, match=r"foreign\.pth: no backbone layer fits"):
@@ -254,7 +254,7 @@ def test_backbone_lr_mult_scales_the_feature_groups_through_the_schedule():
     args = train.parse_args(["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--backbone-lr-mult",
                              "0.1", "--schedule", "poly", "--epochs", "2"])
     optimizer = train.build_optimizer(model, args, torch.device("cpu"))
-    backbone = {id(p) for p in model.features.parameters()}
+    backbone = {id(p) for p in model.backbone.parameters()}
     seen = 0
     for group in optimizer.param_groups:
         in_backbone = {id(p) in backbone for p in group["params"]}
