@@ -1,6 +1,7 @@
 """Project-wide constants and defaults shared by every script."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -20,8 +21,18 @@ LABEL_CACHE_ENV = "FCN_LABEL_CACHE"  # folder of cached encoded label maps (defa
 
 
 def default_data_root() -> str:
-    """`$CAMVID_ROOT` when set, else `data/CamVid`."""
+    """`$CAMVID_ROOT` when set, else `data/CamVid` (relative to the working folder)."""
     return os.environ.get("CAMVID_ROOT") or "data/CamVid"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: each option's default once, at the end of its help; none for a None default
+    (the help text says what happens then) or where the help already quotes `%(default)s`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or not action.option_strings:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # How torch.utils.data re-raises a worker's exception in the main process: the same type built from

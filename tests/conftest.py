@@ -32,18 +32,21 @@ SMALL_TRAIN = ["--fc-width", "16", "--backbone", "vgg16", "--batch-size", "2", "
                "--workers", "0", "--device", "cpu", "--crop-size", "32", "32", "--log-every", "1"]
 
 
-def make_sample(rng: np.random.Generator, table: ClassTable) -> tuple[np.ndarray, np.ndarray]:
-    """A blocky label map (with a void stripe) and a photo whose colour follows the labels, plus noise."""
+def make_sample(rng: np.random.Generator, table: ClassTable,
+                size: tuple[int, int] = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A blocky label map (with a void stripe) of size (H, W), divisible by (4, 6), and a photo whose colour
+    follows the labels, plus noise."""
     blocks = rng.integers(0, table.num_classes, size=(4, 6))
-    labels = np.kron(blocks, np.ones((SIZE[0] // 4, SIZE[1] // 6), dtype=np.int64))
+    labels = np.kron(blocks, np.ones((size[0] // 4, size[1] // 6), dtype=np.int64))
     labels[:, :3] = cfg.IGNORE_INDEX
     palette = table.palette()
-    photo = palette[labels].astype(np.int64) + rng.integers(-20, 20, size=(*SIZE, 3))
+    photo = palette[labels].astype(np.int64) + rng.integers(-20, 20, size=(*size, 3))
     return np.clip(photo, 0, 255).astype(np.uint8), labels
 
 
-def write_camvid(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
-    """A CamVid-layout folder: split/<stem>.png|jpg and split_labels/<stem>_L.png with class_dict colours."""
+def write_camvid(root: Path, counts: dict[str, int], seed: int = 0, size: tuple[int, int] = SIZE) -> Path:
+    """A CamVid-layout folder of (H, W) images: split/<stem>.png|jpg and split_labels/<stem>_L.png with
+    class_dict colours."""
     table = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
     rng = np.random.default_rng(seed)
     (root).mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def write_camvid(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
         (root / split).mkdir(exist_ok=True)
         (root / f"{split}_labels").mkdir(exist_ok=True)
         for index in range(count):
-            photo, labels = make_sample(rng, table)
+            photo, labels = make_sample(rng, table, size)
             stem = f"{split}_{index:03d}"
             extension = ".png" if index % 2 == 0 else ".jpg"  # both kinds CamVid copies use
             Image.fromarray(photo).save(root / split / f"{stem}{extension}")
@@ -64,6 +67,16 @@ def write_camvid(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
 def camvid(tmp_path_factory) -> Path:
     """4 train, 3 val, 3 test images of 64×96."""
     return write_camvid(tmp_path_factory.mktemp("camvid") / "CamVid", {"train": 4, "val": 3, "test": 3})
+
+
+def real_camvid() -> str | None:
+    """The real CamVid the real-data tests run on: $CAMVID_ROOT when set, else the repo's data/CamVid when it
+    holds a complete CamVid (a full download or one with a test sample), else None."""
+    from dataset import camvid_contents
+    if os.environ.get("CAMVID_ROOT"):
+        return os.environ["CAMVID_ROOT"]
+    local = REPO / "data" / "CamVid"
+    return str(local) if local.is_dir() and not camvid_contents(local)[1] else None
 
 
 def subprocess_env() -> dict[str, str]:
