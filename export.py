@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import cfg
+import inference
 import onnx_backend
 import utils
 from cfg import UserError
@@ -27,18 +28,20 @@ OUTPUT_DOC = "logits: float32 N x C x H x W (same H, W as the input); class = ar
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Export an FCN checkpoint to ONNX (dynamic batch, height and "
-                                     "width) and check ONNX Runtime against PyTorch before keeping the file.")
+                                     "width) and check ONNX Runtime against PyTorch before keeping the file.",
+                                     formatter_class=cfg.HelpFormatter)
     add = parser.add_argument
     add("--weights", required=True, type=Path, help="checkpoint written by train.py (best.pth)")
-    add("--out", type=Path, help="ONNX file to write (default: the checkpoint's path with .onnx)")
+    add("--out", type=Path, help="ONNX file to write; without it: the checkpoint's path with .onnx")
     add("--class-dict", help="override the checkpoint's class colours stored in the metadata (same class names)")
     add("--exporter", default="dynamo", choices=EXPORTERS,
-        help="torch.export-based exporter (default), or the legacy TorchScript tracer")
+        help="dynamo: the torch.export-based exporter; torchscript: the legacy TorchScript tracer")
     add("--opset", type=int, default=OPSET, help="ONNX opset (below 18 only with --exporter torchscript)")
     add("--min-agreement", type=float, default=0.999,
         help="least fraction of pixels whose ONNX Runtime argmax must equal PyTorch's")
     add("--data-root", default=cfg.default_data_root(),
-        help="also check parity on up to 2 real images of this CamVid folder when it has any")
+        help="also check parity on up to 2 real images of this CamVid folder when it has any "
+             "($CAMVID_ROOT when set, else data/CamVid in the working folder)")
     return parser
 
 
@@ -58,9 +61,10 @@ def checked_table(state: dict, class_dict: str | None, weights: Path) -> ClassTa
     return utils.trained_table(utils.saved_table(state), class_dict, cfg.DEFAULT_CLASS_DICT, weights)
 
 
-def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str) -> dict[str, str]:
-    """What a deployment needs besides the graph: classes, colours, normalisation, provenance."""
-    return {onnx_backend.METADATA_TAG: "1", "model": json.dumps(model.config.to_dict()),
+def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float) -> dict[str, str]:
+    """What a deployment needs besides the graph: classes, colours, normalisation, the training scale
+    (train.py --downscale: resize inputs by 1/downscale, as predict.py does), provenance."""
+    return {onnx_backend.METADATA_TAG: "1", "model": json.dumps(model.config.to_dict()), "downscale": str(downscale),
             "class_names": json.dumps(list(table.names)), "class_colors": json.dumps(table.colors.tolist()),
             "void_colors": json.dumps(table.void_colors.tolist()), "ignore_index": str(cfg.IGNORE_INDEX),
             "mean": json.dumps(cfg.IMAGENET_MEAN), "std": json.dumps(cfg.IMAGENET_STD),
@@ -72,27 +76,37 @@ def export_graph(model: FCN, path: Path, exporter: str, opset: int) -> None:
     """torch.onnx.export with dynamic N, H, W; input 'images', output 'logits'."""
     example = (torch.zeros(EXAMPLE_SHAPE),)
     names = {"input_names": [onnx_backend.INPUT], "output_names": [onnx_backend.OUTPUT], "opset_version": opset}
+    axes = {0: "batch", 2: "height", 3: "width"}
     if exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1)
-        height, width = (torch.export.Dim(name, min=cfg.MIN_INPUT_SIDE) for name in ("height", "width"))
+        # Axis names, which torch.onnx turns into Dim.DYNAMIC and names the graph's axes after: named
+        # torch.export.Dims with bounds make torch 2.11's constraint solver fail ("Cannot create Dim with
+        # inconsistent min=0, max=-oo"). The parity check proves the sizes stayed dynamic.
         program = torch.onnx.export(model, example, dynamo=True, verbose=False, **names,
-                                    dynamic_shapes={"images": {0: batch, 2: height, 3: width}})
+                                    dynamic_shapes={"images": axes})
         program.save(str(path), external_data=False)
         return
-    axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():  # the tracer warns that it deprecated itself and about forward's size guard
         warnings.simplefilter("ignore")
         torch.onnx.export(model, example, str(path), dynamo=False, dynamic_axes={"images": axes, "logits": axes},
                           **names)
 
 
-def annotate(path: Path, model: FCN, table: ClassTable, weights: Path, exporter: str) -> None:
+def export_failure(error: Exception, exporter: str) -> str:
+    """One line for an exporter's failure: its root cause's type and first line, and what to try."""
+    cause = error.__cause__ or error  # torch.onnx wraps torch.export's error in a page of advice
+    lines = str(cause).strip().splitlines() or [""]
+    hint = "; try --exporter torchscript" if exporter == "dynamo" else ""
+    return (f"--exporter {exporter}: torch {torch.__version__} cannot export this model "
+            f"({type(cause).__name__}: {lines[0]}); nothing written{hint}")
+
+
+def annotate(path: Path, model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float = 1.0) -> None:
     """Write the metadata, name the output's dynamic dims like the input's, and run onnx's checker."""
     import onnx
 
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
-    for key, value in metadata(model, table, weights, exporter).items():
+    for key, value in metadata(model, table, weights, exporter, downscale).items():
         graph.metadata_props.add(key=key, value=value)
     graph.doc_string = f"FCN ({model.config.variant}, {model.config.backbone}) semantic segmentation; {INPUT_DOC}"
     # dynamo names the output dims by its symbolic expressions (e.g. Min(height, 32*...)); they equal the input's
@@ -142,10 +156,13 @@ def check_parity(model: FCN, onnx_model: onnx_backend.OnnxModel, inputs: list[tu
     return worst
 
 
-def write_checked(model: FCN, table: ClassTable, path: Path, args: argparse.Namespace) -> None:
+def write_checked(model: FCN, table: ClassTable, downscale: float, path: Path, args: argparse.Namespace) -> None:
     """Export into `path` (a temporary name), annotate it, and check parity there."""
-    export_graph(model, path, args.exporter, args.opset)
-    annotate(path, model, table, args.weights, args.exporter)
+    try:
+        export_graph(model, path, args.exporter, args.opset)
+    except Exception as error:  # torch.export and the tracer fail with many exception types, none of them ours
+        raise UserError(export_failure(error, args.exporter)) from error
+    annotate(path, model, table, args.weights, args.exporter, downscale)
     onnx_model = onnx_backend.load_onnx(path, table, torch.device("cpu"))
     check_parity(model, onnx_model, parity_inputs(args.data_root), args.min_agreement)
 
@@ -164,9 +181,10 @@ def main(args: argparse.Namespace) -> Path:
     state = utils.load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict, args.weights)
     model = utils.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
+    downscale = inference.parse_downscale(inference.trained_downscale(state), args.weights)
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.
-    utils.atomic_write(out, lambda tmp: write_checked(model, table, tmp, args))
+    utils.atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
     print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}, {args.exporter} exporter)")
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +18,50 @@ from dataset import ClassTable, normalize_batch
 from evalution_segmentaion import ConfusionMatrix
 
 
+class Trained(NamedTuple):
+    """A loaded model, the class table it was trained with, and the factor its training images were shrunk by
+    (train.py --downscale): it expects objects at 1/downscale of their size in CamVid's 360x480 images."""
+
+    model: nn.Module
+    table: ClassTable
+    downscale: float
+
+    def input_scale(self, downscale: float = 1.0, scale: float | None = None) -> float:
+        """The factor the model's input is resized by: `scale` when given, else the one that brings images
+        shrunk by `downscale` to the scale the model was trained at."""
+        return scale if scale is not None else downscale / self.downscale
+
+
 def load_model(weights: str | Path, class_dict: str | Path | None, device: torch.device,
-               fallback: str | Path = cfg.DEFAULT_CLASS_DICT) -> tuple[nn.Module, ClassTable]:
-    """A .pth checkpoint or an exported .onnx model (on the device, in eval mode) and the class table it was
-    trained with; --class-dict only overrides that table's colours (see utils.trained_table)."""
+               fallback: str | Path = cfg.DEFAULT_CLASS_DICT) -> Trained:
+    """A .pth checkpoint or an exported .onnx model (on the device, in eval mode), the class table it was
+    trained with (--class-dict only overrides its colours, see utils.trained_table) and its training scale."""
     if Path(weights).suffix.lower() == ".onnx":
         import onnx_backend  # onnxruntime is an optional install (requirements-export.txt)
         model = onnx_backend.load_onnx(weights, None, device)
         table = utils.trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
         onnx_backend.check_classes(model, table, weights)
-        return model, table
+        return Trained(model, table, parse_downscale(model.metadata.get("downscale", 1.0), weights))
     state = utils.load_checkpoint(weights)
     table = utils.trained_table(utils.saved_table(state), class_dict, fallback, weights)
-    return utils.model_from_checkpoint(state, table, weights).to(device).eval(), table
+    model = utils.model_from_checkpoint(state, table, weights).to(device).eval()
+    return Trained(model, table, parse_downscale(trained_downscale(state), weights))
+
+
+def trained_downscale(state: dict) -> float:
+    """train.py's --downscale saved in a checkpoint's configuration; 1 for checkpoints without it."""
+    return state.get("config", {}).get("train", {}).get("downscale") or 1.0
+
+
+def parse_downscale(value, source: str | Path) -> float:
+    """A saved training downscale as a positive float; anything else is a UserError naming the file."""
+    try:
+        downscale = float(value)
+    except (TypeError, ValueError):
+        downscale = 0.0
+    if not downscale > 0:
+        raise UserError(f"{source}: training downscale {value!r} is not a positive number")
+    return downscale
 
 
 @dataclass(frozen=True)

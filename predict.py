@@ -27,7 +27,8 @@ VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".avi": "avi", ".m
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Write FCN masks for images, folders of images and videos.")
+    parser = argparse.ArgumentParser(description="Write FCN masks for images, folders of images and videos.",
+                                     formatter_class=cfg.HelpFormatter)
     add = parser.add_argument
     add("--weights", required=True, help="checkpoint written by train.py, or an exported .onnx")
     add("--input", nargs="+", required=True, metavar="PATH", help="image or video files and/or folders")
@@ -37,10 +38,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--overlay", action="store_true", help="also write <name>_overlay.png (video: the overlay, not the mask)")
     add("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
-    add("--scale", type=float, default=1.0, help="run the model on frames resized by this factor (e.g. 0.33 for 1080p)")
+    add("--scale", type=float,
+        help="resize each image or frame by this factor before the model (relative to the input as it is), "
+             "overriding the checkpoint's scale: e.g. 0.33 for 1080p frames and a full-resolution model; without "
+             "it: the scale the checkpoint was trained at (1, or 1/its train.py --downscale)")
     add("--class-dict", help="override the checkpoint's class colours with this class_dict.csv (same class names); "
-        "default: the checkpoint's own table")
-    add("--device", default="auto", help="auto, cpu or cuda")
+        "without it: the checkpoint's own table")
+    add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
     add("--batch-size", type=int, default=8, help="images of one size per forward pass")
     add("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader processes decoding images")
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -294,12 +298,15 @@ def main(args: argparse.Namespace) -> int:
     if any(is_video(source) for source, _ in jobs):
         import_av()  # fail before the model loads
     device = utils.resolve_device(args.device)
-    model, table = inference.load_model(args.weights, args.class_dict, device)
+    trained = inference.load_model(args.weights, args.class_dict, device)
+    model, table = trained.model, trained.table
     if args.format != "color" and table.num_classes > 256:
         raise UserError(f"--format {args.format}: 8-bit index PNGs hold at most 256 classes, the table has "
                         f"{table.num_classes}")
-    runner = inference.Runner(model, device, utils.amp_dtype(device, args.amp), args.channels_last, args.scale,
-                              inference.parse_tta(args.tta))
+    runner = inference.Runner(model, device, utils.amp_dtype(device, args.amp), args.channels_last,
+                              trained.input_scale(scale=args.scale), inference.parse_tta(args.tta))
+    print(f"model input: {runner.scale:g}x each image's size ("
+          + ("--scale)" if args.scale is not None else "the scale the checkpoint was trained at)"))
     start = time.perf_counter()
     images = [job for job in jobs if not is_video(job[0])]
     done = predict_images(images, runner, table, args) if images else 0

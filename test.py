@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +20,31 @@ import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate an FCN checkpoint on a CamVid split.")
+    parser = argparse.ArgumentParser(description="Evaluate an FCN checkpoint on a CamVid split: by default on the "
+                                     "full-resolution labels, the model run at the scale it was trained at.",
+                                     formatter_class=cfg.HelpFormatter)
     add = parser.add_argument
-    add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
+    add("--data-root", default=cfg.default_data_root(),
+        help="CamVid folder: $CAMVID_ROOT when set, else data/CamVid in the working folder")
     add("--class-dict", default=None, help="override the checkpoint's class colours with this class_dict.csv (same "
-        "class names); default: the checkpoint's own table")
-    add("--split", default="test", choices=("test", "val"))
+        "class names); without it: the checkpoint's own table")
+    add("--split", default="test", choices=("test", "val"), help="the split to score")
     add("--weights", required=True, help="checkpoint written by train.py (best.pth or last.pth) or an exported .onnx")
     add("--limit", type=int, help="only the first K images (by stem)")
-    add("--crop", action="store_true", help="evaluate on the 352x480 centre crop instead of full 360x480")
-    add("--downscale", type=float, default=1.0, help="shrink images and labels by this factor first (smoke runs)")
+    add("--crop", action="store_true", help="score the 352x480 centre crop instead of the full 360x480 image")
+    add("--downscale", type=float, default=1.0,
+        help="score labels shrunk by this factor (images too; the model still runs at its own scale): 1 is the "
+             "benchmark's 360x480, 4 the 90x120 that a --recipe camvid-cpu run validated on")
     add("--json", type=Path, help="also write the metrics (confusion matrix included) to this JSON file")
     add("--report", type=Path, metavar="DIR", help="write confusion.csv, confusion.png and per_class.csv here")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
-    add("--scale", type=float, default=1.0, help="run the model on images resized by this factor")
-    add("--batch-size", type=int, default=4)
-    add("--device", default="auto", help="auto, cpu or cuda")
+    add("--scale", type=float,
+        help="resize the images by this factor before the model (relative to the images as scored, after "
+             "--downscale), overriding the checkpoint's scale; without it: the one that brings them to the scale "
+             "the checkpoint was trained at (--downscale / its train.py --downscale), e.g. 0.25 for a --recipe "
+             "camvid-cpu model on 360x480 labels")
+    add("--batch-size", type=int, default=4, help="images per forward pass")
+    add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
     add("--workers", type=int, default=utils.default_workers(), help="data loader processes (see train.py --help)")
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16")
@@ -86,14 +96,41 @@ def plot_confusion(counts: np.ndarray, names: tuple[str, ...], path: Path) -> No
     plt.close(figure)
 
 
-def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace, images: int) -> dict:
+@dataclass(frozen=True)
+class Scoring:
+    """At what size test.py scores and at what scale the model runs, for the one line it prints."""
+
+    label_size: tuple[int, int]  # (H, W) of the labels scored (of the first image)
+    scale: float  # the model's input size / the label size
+    scale_source: str  # why this scale: the checkpoint's training scale or --scale
+
+    def describe(self, split: str, images: int, crop: bool) -> str:
+        """'val: 101 images, scored on 360x480 labels; model input 0.25x (90x120, ...)'."""
+        height, width = self.label_size
+        size = f"{round(height * self.scale)}x{round(width * self.scale)}"
+        resampled = "" if self.scale == 1 else ", logits resized to the labels"
+        return (f"{split}: {images} images, scored on {height}x{width} labels{' (centre crop)' if crop else ''}; "
+                f"model input {self.scale:g}x ({size}, {self.scale_source}){resampled}")
+
+
+def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace, images: int,
+                scoring: Scoring) -> dict:
     """What --json writes: the metrics, the confusion matrix and how they were made."""
     return {"pixel_accuracy": metrics["pixel_accuracy"], "mean_pixel_accuracy": metrics["mean_pixel_accuracy"],
             "miou": metrics["miou"], "fwiou": metrics["fwiou"], "iou": dict(zip(names, metrics["iou"])),
             "class_accuracy": dict(zip(names, metrics["class_accuracy"])), "split": args.split,
             "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
-            "tta": inference.parse_tta(args.tta).to_dict(), "scale": args.scale, "downscale": args.downscale,
-            "weights": str(args.weights), "precision": metrics["precision"]}
+            "tta": inference.parse_tta(args.tta).to_dict(), "label_size": list(scoring.label_size),
+            "scale": scoring.scale, "downscale": args.downscale, "weights": str(args.weights),
+            "precision": metrics["precision"]}
+
+
+def scoring_of(trained: inference.Trained, dataset: CamVidDataset, args: argparse.Namespace) -> Scoring:
+    """The label size of the split as transformed, and the model's input scale relative to it."""
+    source = "--scale" if args.scale is not None else (
+        f"the checkpoint's training scale, 1/{trained.downscale:g} of CamVid's" if trained.downscale != 1
+        else "the checkpoint's training scale")
+    return Scoring(tuple(dataset[0][1].shape), trained.input_scale(args.downscale, args.scale), source)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -104,24 +141,24 @@ def main(args: argparse.Namespace) -> dict:
     tta = inference.parse_tta(args.tta)
     check_data_root(args.data_root)
     device = utils.resolve_device(args.device)
-    model, table = inference.load_model(args.weights, args.class_dict, device, resolve_class_dict(args.data_root))
+    trained = inference.load_model(args.weights, args.class_dict, device, resolve_class_dict(args.data_root))
+    model, table = trained.model, trained.table
     transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
     dataset = CamVidDataset(args.data_root, args.split, table, transform, args.limit,
                             label_cache=label_cache_from_args(args))
+    scoring = scoring_of(trained, dataset, args)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     amp = utils.amp_dtype(device, args.amp)
-    metrics = inference.evaluate(model, loader, table.num_classes, device, amp, args.channels_last, tta, args.scale,
-                                 progress=True)
+    metrics = inference.evaluate(model, loader, table.num_classes, device, amp, args.channels_last, tta,
+                                 scoring.scale, progress=True)
     metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else utils.precision_name(amp)
-    print(f"{args.split}: {len(dataset)} images, {'352x480 centre crop' if args.crop else 'full resolution'}"
-          + (f" shrunk {args.downscale:g}x" if args.downscale != 1 else "")
-          + (f", TTA {args.tta}" if tta.enabled else "") + (f", scale {args.scale:g}" if args.scale != 1 else "")
+    print(scoring.describe(args.split, len(dataset), args.crop) + (f", TTA {args.tta}" if tta.enabled else "")
           + f", {metrics['precision']}")
     print(report(metrics, table.names))
     if args.report:
         write_report(args.report, metrics, table.names)
     if args.json:
-        result = json_result(metrics, table.names, args, len(dataset))
+        result = json_result(metrics, table.names, args, len(dataset), scoring)
         utils.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return metrics
 

@@ -31,15 +31,6 @@ TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 CPU = torch.device("cpu")
 
 
-def inference_backend_merged() -> bool:
-    """True once issue 9's inference.load_model (which hands .onnx files to onnx_backend) is in the tree."""
-    try:
-        import inference
-    except ImportError:
-        return False
-    return hasattr(inference, "load_model")
-
-
 @functools.cache
 def tiny_model() -> FCN:
     """A narrow FCN-8s whose scoring layers are random (zero-initialised ones predict class 0 everywhere,
@@ -52,17 +43,19 @@ def tiny_model() -> FCN:
     return model.eval()
 
 
-def save(model: FCN, path: Path) -> Path:
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
-                           "class_names": list(TABLE.names)}, path)
+def save(model: FCN, path: Path, downscale: float | None = None) -> Path:
+    """A checkpoint of the model; with `downscale`, as train.py --downscale writes it."""
+    config = {"model": model.config.to_dict(), **({"train": {"downscale": downscale}} if downscale else {})}
+    utils.save_checkpoint({"model": model.state_dict(), "config": config, "class_names": list(TABLE.names)}, path)
     return path
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, camvid):
     """One export through the CLI with its defaults (dynamo exporter, parity at 360x480 and 100x150, plus
-    the fixture's real images): (checkpoint, onnx file, completed process)."""
-    weights = save(tiny_model(), tmp_path_factory.mktemp("export") / "best.pth")
+    the fixture's real images) of a checkpoint trained at --downscale 2: (checkpoint, onnx file, completed
+    process)."""
+    weights = save(tiny_model(), tmp_path_factory.mktemp("export") / "best.pth", downscale=2.0)
     result = run_cli("export.py", "--weights", str(weights), "--data-root", str(camvid))
     return weights, weights.with_suffix(".onnx"), result
 
@@ -86,6 +79,7 @@ def test_export_cli_checks_parity_at_real_sizes_and_writes_metadata(exported):
     assert json.loads(meta["class_colors"]) == TABLE.colors.tolist()
     assert json.loads(meta["mean"]) == list(cfg.IMAGENET_MEAN) and json.loads(meta["std"]) == list(cfg.IMAGENET_STD)
     assert "ImageNet-normalised" in meta["input"] and json.loads(meta["model"])["fc_width"] == 16
+    assert meta["downscale"] == "2.0"  # the training scale, which predict.py and test.py apply
     dims = [[d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
             for value in (graph.graph.input[0], graph.graph.output[0])]
     assert dims == [["batch", 3, "height", "width"], ["batch", TABLE.num_classes, "height", "width"]]
@@ -147,6 +141,24 @@ def test_parity_check_fails_on_a_wrong_graph_and_writes_nothing(tmp_path, monkey
         export.main(args)
     assert out.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "fcn8s.onnx"]  # no temporary left
+
+
+def test_an_exporter_that_fails_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    weights = save(tiny_model(), tmp_path / "best.pth")
+
+    def failing_export(*args, **kwargs):  # as torch 2.11's exporter failed on named Dims: advice wrapping a cause
+        try:
+            raise AssertionError("Cannot create Dim with inconsistent min=0, max=-oo")
+        except AssertionError as cause:
+            raise RuntimeError("Failed to export the model with torch.export.\n- Modify the model code") from cause
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    args = export.get_args_parser().parse_args(["--weights", str(weights), "--data-root", str(tmp_path / "none")])
+    with pytest.raises(UserError) as error:
+        export.main(args)
+    assert str(error.value) == (f"--exporter dynamo: torch {torch.__version__} cannot export this model (AssertionError: "
+                                "Cannot create Dim with inconsistent min=0, max=-oo); nothing written; "
+                                "try --exporter torchscript")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]
 
 
 def test_torchscript_exporter_also_keeps_dynamic_sizes(tmp_path, monkeypatch):
@@ -213,8 +225,8 @@ def test_export_bad_inputs(tmp_path):
                                                                              "checkpoint not found"]
 
 
-@pytest.mark.skipif(not inference_backend_merged(), reason="needs inference.load_model (issue 9) to dispatch .onnx")
 def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, tmp_path):
+    """Both run at the checkpoint's training scale (0.5): the .onnx file carries it in its metadata."""
     import predict
     import test as test_script
     weights, path, _ = exported
@@ -233,6 +245,7 @@ def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, t
              "--workers", "0", "--no-amp", "--json", str(tmp_path / f"{name}.json")]))
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert abs(metrics["onnx"]["pixel_accuracy"] - metrics["pth"]["pixel_accuracy"]) <= 0.001
+    assert metrics["onnx"]["scale"] == metrics["pth"]["scale"] == 0.5
 
 
 def test_bench_onnx_times_ort_beside_eager_and_fast(capsys):

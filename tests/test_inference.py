@@ -106,6 +106,7 @@ def test_test_py_json_records_the_tta(weights, tmp_path):
     metrics = test_script.main(args)
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["tta"] == {"flip": True, "scales": [1.0]} and result["miou"] == metrics["miou"]
+    assert result["label_size"] == [64, 96] and result["scale"] == 1.0  # no training scale saved: 1
 
 
 def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
@@ -113,10 +114,12 @@ def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
     fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or graph,
                                  metadata_table=lambda metadata: None, check_classes=lambda *args: None)
     monkeypatch.setitem(sys.modules, "onnx_backend", fake)
-    model, table = inference.load_model("model.onnx", None, torch.device("cpu"))
+    model, table, downscale = inference.load_model("model.onnx", None, torch.device("cpu"))
     assert model is graph and table.names == TABLE.names  # no class table in the metadata: data/class_dict.csv
-    assert calls == [("model.onnx", None, torch.device("cpu"))]
-    loaded, table = inference.load_model(weights, None, torch.device("cpu"))
+    assert calls == [("model.onnx", None, torch.device("cpu"))] and downscale == 1.0
+    graph.metadata["downscale"] = "4.0"  # what export.py writes for a --downscale 4 checkpoint
+    assert inference.load_model("model.onnx", None, torch.device("cpu")).downscale == 4.0
+    loaded, table, _ = inference.load_model(weights, None, torch.device("cpu"))
     assert isinstance(loaded, FCN) and not loaded.training and table.names == TABLE.names
 
 
@@ -168,3 +171,69 @@ def test_worker_error_in_test_py_is_the_same_line_as_without_workers(weights, tm
         messages.append(str(error.value))
     assert messages[0] == messages[1]
     assert messages[0] == f"{mask_path}: colour (7, 7, 7) on 4 pixels not in class_dict.csv"
+
+
+@pytest.fixture(scope="module")
+def quarter_scale_run(tmp_path_factory):
+    """A CamVid-sized (360x480) fixture and a run trained on it at --downscale 4, as --recipe camvid-cpu does:
+    (data root, run folder)."""
+    from conftest import SMALL_TRAIN, train_in_process
+    root = write_camvid(tmp_path_factory.mktemp("camvid360") / "CamVid", {"train": 2, "val": 1, "test": 2},
+                        size=cfg.EVAL_SIZE)
+    out = tmp_path_factory.mktemp("quarter")
+    train_in_process("--data-root", str(root), "--out", str(out), *SMALL_TRAIN, "--epochs", "1", "--downscale", "4")
+    return root, out
+
+
+def recording_model_inputs(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes every model that inference.load_model loads from now on is called with."""
+    shapes, load = [], inference.load_model
+
+    def load_and_record(*args, **kwargs):
+        trained = load(*args, **kwargs)
+        trained.model.register_forward_pre_hook(lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+        return trained
+    monkeypatch.setattr(inference, "load_model", load_and_record)
+    return shapes
+
+
+@pytest.mark.parametrize("flags, label_size, scale", [([], [360, 480], 0.25), (["--downscale", "4"], [90, 120], 1.0)],
+                         ids=["benchmark-labels", "downscale-4"])
+def test_test_py_runs_the_model_at_its_training_scale_on_the_labels_asked_for(quarter_scale_run, tmp_path, capsys,
+                                                                              monkeypatch, flags, label_size, scale):
+    root, run = quarter_scale_run
+    shapes = recording_model_inputs(monkeypatch)
+    test_script.main(test_script.get_args_parser().parse_args(
+        ["--data-root", str(root), "--weights", str(run / "best.pth"), "--workers", "0", "--device", "cpu",
+         "--json", str(tmp_path / "m.json"), *flags]))
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert shapes == [(2, 3, 90, 120)]  # the scale it was trained at, whatever the labels
+    assert result["label_size"] == label_size and result["scale"] == scale
+    assert result["pixels"] == int((np.array(result["confusion"])).sum()) > 0
+    height, width = label_size
+    assert f"test: 2 images, scored on {height}x{width} labels; model input {scale:g}x (90x120, " \
+           in capsys.readouterr().out
+
+
+def test_scale_overrides_the_training_scale_and_predict_uses_it_too(quarter_scale_run, tmp_path, monkeypatch):
+    root, run = quarter_scale_run
+    shapes = recording_model_inputs(monkeypatch)
+    test_script.main(test_script.get_args_parser().parse_args(
+        ["--data-root", str(root), "--weights", str(run / "best.pth"), "--workers", "0", "--device", "cpu",
+         "--scale", "0.5", "--limit", "1", "--json", str(tmp_path / "m.json")]))
+    assert shapes.pop() == (1, 3, 180, 240) and json.loads((tmp_path / "m.json").read_text())["scale"] == 0.5
+    import predict
+    image = root / "test" / "test_000.png"
+    for flags, shape in (([], (1, 3, 90, 120)), (["--scale", "0.5"], (1, 3, 180, 240))):
+        predict.main(predict.get_args_parser().parse_args(
+            ["--weights", str(run / "best.pth"), "--input", str(image), "--out", str(tmp_path / "masks"),
+             "--workers", "0", "--device", "cpu", *flags]))
+        assert shapes.pop() == shape and Image.open(tmp_path / "masks" / "test_000.png").size == (480, 360)
+
+
+def test_a_checkpoint_without_a_training_scale_runs_at_scale_1(weights):
+    trained = inference.load_model(weights, None, torch.device("cpu"))
+    assert trained.downscale == 1.0 and trained.input_scale() == 1.0 and trained.input_scale(4.0) == 4.0
+    assert trained.input_scale(4.0, scale=0.5) == 0.5
+    with pytest.raises(UserError, match="training downscale 'x' is not a positive number"):
+        inference.parse_downscale("x", "model.onnx")

@@ -46,7 +46,7 @@ def test_batched_workers_match_the_inference_path_and_formats(weights, tmp_path)
     for index, size in enumerate(sizes):
         photo(folder / f"f{index}.png", size, seed=index)
     assert run(weights, [folder], tmp_path / "out", "--workers", "2", "--batch-size", "2", "--format", "both") == 5
-    model, _ = inference.load_model(weights, None, torch.device("cpu"))
+    model = inference.load_model(weights, None, torch.device("cpu")).model
     plain = inference.Runner(model, torch.device("cpu"), utils.amp_dtype(torch.device("cpu"), True))  # predict's default
     for index, size in enumerate(sizes):
         expected = plain.labels(read_image(folder / f"f{index}.png")[None])[0].numpy()
@@ -78,7 +78,7 @@ def test_output_names_mirror_the_inputs_and_never_collide(weights, tmp_path):
 def test_scale_and_tta_reach_the_model(weights, tmp_path):
     source = photo(tmp_path / "p.png", (128, 96))
     run(weights, [source], tmp_path / "out", "--scale", "0.5", "--tta", "flip,1,1.5", "--format", "index")
-    model, _ = inference.load_model(weights, None, torch.device("cpu"))
+    model = inference.load_model(weights, None, torch.device("cpu")).model
     expected = inference.Runner(model, torch.device("cpu"), utils.amp_dtype(torch.device("cpu"), True), scale=0.5,
                                 tta=inference.parse_tta("flip,1,1.5"))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "p.png")),

@@ -26,13 +26,16 @@ from transforms import eval_transform  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="bf16 vs fp32 inference of one checkpoint on a CamVid split.")
+    parser = argparse.ArgumentParser(description="bf16 vs fp32 inference of one checkpoint on a CamVid split.",
+                                     formatter_class=cfg.HelpFormatter)
     add = parser.add_argument
     add("--weights", required=True, help="checkpoint written by train.py")
-    add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
-    add("--split", default="val", choices=("val", "test"))
-    add("--downscale", type=float, default=1.0, help="as test.py --downscale")
-    add("--batch-size", type=int, default=4)
+    add("--data-root", default=cfg.default_data_root(),
+        help="CamVid folder: $CAMVID_ROOT when set, else data/CamVid in the working folder")
+    add("--split", default="val", choices=("val", "test"), help="the split to compare on")
+    add("--downscale", type=float, default=1.0,
+        help="as test.py --downscale: score labels shrunk by this factor, the model at its own scale")
+    add("--batch-size", type=int, default=4, help="images per forward pass")
     add("--json", type=Path, help="also write the figures to this JSON file")
     return parser
 
@@ -42,9 +45,11 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError("this CPU computes no bf16 natively (AVX512-BF16 or AMX): nothing to compare")
     check_data_root(args.data_root)
     device = torch.device("cpu")
-    model, table = inference.load_model(args.weights, None, device, resolve_class_dict(args.data_root))
+    trained = inference.load_model(args.weights, None, device, resolve_class_dict(args.data_root))
+    model, table = trained.model, trained.table
     dataset = CamVidDataset(args.data_root, args.split, table, eval_transform(None, args.downscale))
-    runners = {"fp32": inference.Runner(model, device, None), "bf16": inference.Runner(model, device, torch.bfloat16)}
+    runners = {name: inference.Runner(model, device, amp, scale=trained.input_scale(args.downscale))
+               for name, amp in (("fp32", None), ("bf16", torch.bfloat16))}
     confusions = {name: ConfusionMatrix(table.num_classes, device) for name in runners}
     same = total = same_labelled = labelled = 0
     for images, labels in DataLoader(dataset, args.batch_size):
