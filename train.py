@@ -432,12 +432,13 @@ def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train FCN on CamVid.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description="Train FCN on CamVid.", formatter_class=cfg.HelpFormatter)
     add = parser.add_argument
-    add("--data-root", default=cfg.default_data_root(), help="CamVid folder ($CAMVID_ROOT, else data/CamVid)")
+    add("--data-root", default=cfg.default_data_root(),
+        help="CamVid folder: $CAMVID_ROOT when set, else data/CamVid in the working folder")
     add("--class-dict", default=None, help="class_dict.csv (default: DATA_ROOT/class_dict.csv, else data/class_dict.csv)")
     add("--recipe", choices=sorted(RECIPES), help="set the defaults of a documented recipe; explicit flags still win")
-    add("--model", default="fcn8s", choices=VARIANTS)
+    add("--model", default="fcn8s", choices=VARIANTS, help="FCN variant: the skips it fuses (docs/model.md)")
     add("--backbone", default="vgg16_bn", choices=list(BACKBONES), help="torchvision classifier under the FCN head")
     add("--fc-width", type=int, default=None,
         help="channels of the convolutionalised hidden layers, fc6/fc7 (default: the classifier's own: VGG 4096, "
@@ -457,17 +458,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--accum-steps", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step: --batch-size 2 --accum-steps 4 trains "
              "like batch 8 in a quarter of the activation memory")
-    add("--eval-batch-size", type=int, default=8)
-    add("--optimizer", default="adam", choices=("adam", "sgd"))
-    add("--lr", type=float, default=1e-4)
-    add("--momentum", type=float, default=0.9)
-    add("--weight-decay", type=float, default=0.0)
-    add("--schedule", default="step", choices=("step", "poly"))
+    add("--eval-batch-size", type=int, default=8, help="validation batch, per process")
+    add("--optimizer", default="adam", choices=("adam", "sgd"), help="biases and BatchNorm get no weight decay")
+    add("--lr", type=float, default=1e-4, help="base learning rate")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and BatchNorm)")
+    add("--schedule", default="step", choices=("step", "poly"),
+        help="step: x --gamma every --step-size epochs; poly: polynomial decay to 0")
     add("--step-size", type=int, default=50, help="epochs between step decays")
     add("--gamma", type=float, default=0.5, help="step decay factor")
-    add("--warmup-epochs", type=int, default=0)
+    add("--warmup-epochs", type=int, default=0, help="linear learning-rate warm-up before the schedule")
     add("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
-    add("--class-weights", default="none", choices=("none", "median-freq"))
+    add("--class-weights", default="none", choices=("none", "median-freq"),
+        help="median-freq: SegNet's median-frequency balancing, from the train masks")
     add("--ohem", type=float, default=0.0, help="keep only this fraction of hardest pixels in the loss (0: off)")
     add("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale augmentation range")
     add("--random-crop", action=argparse.BooleanOptionalAction, default=False,
@@ -478,12 +481,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="training crop (multiples of 32 keep every pooling exact)")
     add("--val-crop", action="store_true", help="validate on the centre crop instead of the full image")
     add("--downscale", type=float, default=1.0,
-        help="shrink train and val images by this factor first (2: half resolution, for CPU smoke runs)")
+        help="shrink train and val images by this factor first (4: quarter resolution, as --recipe camvid-cpu); "
+             "test.py and predict.py read it from the checkpoint")
     add("--limit", type=int, help="use only the first K images (by stem) of each split")
     add("--out", type=Path, help="run folder (default weights/<model>)")
     add("--resume", action="store_true", help="continue from RUN_DIR/last.pth")
-    add("--device", default="auto", help="auto, cpu or cuda")
-    add("--seed", type=int, default=0)
+    add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
+    add("--seed", type=int, default=0, help="seed of data order, augmentation and dropout")
     add("--workers", type=int, default=utils.default_workers(),
         help="data loader processes: cores - 2 (the main process and its pin-memory thread keep two), at most 8")
     add("--cache", action="store_true", help="decode the splits once into memory")

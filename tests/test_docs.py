@@ -10,6 +10,7 @@ import importlib.util
 import io
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,10 +125,12 @@ def strict(parser: argparse.ArgumentParser, prog: str) -> argparse.ArgumentParse
 
 def load_script(script: str):
     if script.startswith("tools/"):
-        spec = importlib.util.spec_from_file_location("tools_" + Path(script).stem, REPO / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        name = "tools_" + Path(script).stem
+        if name not in sys.modules:  # registered first: dataclasses look their module up while it executes
+            spec = importlib.util.spec_from_file_location(name, REPO / script)
+            sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[name])
+        return sys.modules[name]
     return importlib.import_module(script.removesuffix(".py"))
 
 
@@ -292,3 +295,24 @@ def test_doc_links_resolve(doc):
             elif anchor and path.suffix == ".md" and anchor not in anchors(path):
                 broken.append(f"{doc.relative_to(REPO)}:{number}: {target}: no heading #{anchor}")
     assert not broken, "\n".join(broken)
+
+
+def option_helps(script: str, monkeypatch: pytest.MonkeyPatch) -> list[tuple[argparse.Action, str]]:
+    """Each option of the script's parser and its entry in --help, on one line (no wrapping)."""
+    monkeypatch.setenv("COLUMNS", "10000")
+    parser = load_script(script).get_args_parser()
+    formatter = parser._get_formatter()
+    return [(action, " ".join(formatter._format_action(action).split())) for action in parser._actions
+            if action.option_strings and action.default is not argparse.SUPPRESS]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_once(script, monkeypatch):
+    wrong = []
+    for action, entry in option_helps(script, monkeypatch):
+        mentions = len(re.findall(r"\bdefault\b", entry))
+        if action.default is None and mentions > 1:
+            wrong.append(f"{entry}: {mentions} defaults")
+        elif action.default is not None and (mentions != 1 or f"(default: {action.default})" not in entry):
+            wrong.append(f"{entry}: default {action.default!r} shown {mentions} times")
+    assert not wrong, f"{script} --help:\n" + "\n".join(wrong)
