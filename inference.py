@@ -53,7 +53,7 @@ def trained_downscale(state: dict) -> float:
     return state.get("config", {}).get("train", {}).get("downscale") or 1.0
 
 
-def parse_downscale(value, source: str | Path) -> float:
+def parse_downscale(value: object, source: str | Path) -> float:
     """A saved training downscale as a positive float; anything else is a UserError naming the file."""
     try:
         downscale = float(value)

@@ -155,9 +155,9 @@ def test_an_exporter_that_fails_is_one_line_and_writes_nothing(tmp_path, monkeyp
     args = export.get_args_parser().parse_args(["--weights", str(weights), "--data-root", str(tmp_path / "none")])
     with pytest.raises(UserError) as error:
         export.main(args)
-    assert str(error.value) == (f"--exporter dynamo: torch {torch.__version__} cannot export this model (AssertionError: "
-                                "Cannot create Dim with inconsistent min=0, max=-oo); nothing written; "
-                                "try --exporter torchscript")
+    assert str(error.value) == (f"--exporter dynamo: torch {torch.__version__} cannot export this model "
+                                "(AssertionError: Cannot create Dim with inconsistent min=0, max=-oo); nothing "
+                                "written; try --exporter torchscript")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]
 
 
