@@ -38,6 +38,8 @@ class Mutant:
 
 DATA, METRICS, RECIPE = ("tests/test_data.py",), ("tests/test_metrics.py",), ("tests/test_recipe.py",)
 RESUME = ("tests/test_resume_equality.py",)
+DOWNLOAD = ("tests/test_download.py",)
+SCALE = ("tests/test_inference.py", "-k", "training_scale or dispatches")
 ACCUM = ("tests/test_accumulation.py",)
 BUDGET = ("tests/test_budget.py",)
 MUTANTS = [
@@ -162,6 +164,35 @@ MUTANTS = [
            ("tests/test_fast_path.py", "-k", "bf16_cpu")),
     Mutant("loss-in-bf16", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
            "loss = loss_fn.total(logits, labels) / denominator", ("tests/test_fast_path.py", "-k", "bf16_cpu")),
+    # dataset.py --download on an existing folder, and where the real-data tests find CamVid
+    Mutant("download-ignores-a-complete-camvid", "dataset.py",
+           '        if not problems:\n            print(f"{destination} already holds',
+           '        if False:\n            print(f"{destination} already holds', DOWNLOAD),
+    Mutant("download-into-any-folder", "dataset.py",
+           "        if not destination.is_dir() or any(destination.iterdir()):\n", "        if False:\n", DOWNLOAD),
+    Mutant("complete-camvid-needs-the-full-test-split", "dataset.py",
+           'len(pairs) <= expected if split == "test"', 'len(pairs) == expected if split == "test"', DOWNLOAD),
+    Mutant("failed-download-leaves-its-partial-folder", "dataset.py",
+           "        shutil.rmtree(scratch, ignore_errors=True)\n", "        pass\n", DOWNLOAD),
+    Mutant("real-data-tests-ignore-data-camvid", "tests/conftest.py",
+           "    return str(local) if local.is_dir() and not camvid_contents(local)[1] else None\n",
+           "    return None\n", DOWNLOAD),
+    # the scale a checkpoint was trained at, in test.py, predict.py and the ONNX file
+    Mutant("model-run-at-the-label-scale", "inference.py",
+           "return scale if scale is not None else downscale / self.downscale",
+           "return scale if scale is not None else 1.0", SCALE),
+    Mutant("training-scale-not-read", "inference.py",
+           'return state.get("config", {}).get("train", {}).get("downscale") or 1.0', "return 1.0", SCALE),
+    Mutant("onnx-training-scale-not-read", "inference.py",
+           'parse_downscale(model.metadata.get("downscale", 1.0), weights)', "1.0", SCALE),
+    Mutant("predict-ignores-the-training-scale", "predict.py", "trained.input_scale(scale=args.scale)",
+           "args.scale or 1.0", SCALE),
+    Mutant("export-drops-the-training-scale", "export.py", ' "downscale": str(downscale),', "",
+           ("tests/test_export.py", "-k", "metadata")),
+    Mutant("export-failure-is-a-traceback", "export.py", "        raise UserError(export_failure(error, args.exporter)) from error\n",
+           "        raise\n", ("tests/test_export.py", "-k", "exporter_that_fails")),
+    Mutant("help-hides-defaults", "cfg.py", "        return super()._get_help_string(action)\n",
+           '        return action.help or ""\n', ("tests/test_docs.py", "-k", "help")),
     # model initialisation
     Mutant("bilinear-kernel-off-centre", "fcn.py", "center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5",
            "center = factor - 1", ("tests/test_model.py",)),
@@ -249,10 +280,11 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Run hand-written mutants against the tests that guard them.")
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
-    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--list", action="store_true",
+                        help="list the mutants and their tests, run nothing (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant (default: %(default)s)")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the first run of each test selection on the unmutated copy")
+                        help="skip the first run of each test selection on the unmutated copy (default: %(default)s)")
     return parser
 
 
