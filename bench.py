@@ -31,7 +31,7 @@ import utils
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
                      label_cache_from_args, resolve_class_dict)
-from fcn import FCN, FCNConfig
+from fcn import BACKBONES, FCN, FCNConfig
 from transforms import Compose, eval_transform, train_transform
 
 DATA_BATCH = 8  # the train loader's default batch
@@ -132,6 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--fc-width", type=int, help="fc6/fc7 channels (without it: 4096 on CUDA, 1024 on CPU, 32 with --quick)")
     add("--steps", type=int, help="timed calls per block (without it: 20 on CUDA, 1 on CPU and with --quick)")
     add("--repeats", type=int, help="timed blocks per mode, medians reported (without it: 5, 1 with --quick)")
+    add("--backbones", default="all", metavar="NAMES",
+        help="also time the fast path's train step and inference of FCN-8s on these backbones (comma-separated, "
+             f"'all': {', '.join(BACKBONES)}; 'none': skip)")
     add("--onnx", action=argparse.BooleanOptionalAction, default=True,
         help="also ONNX Runtime CPU inference beside eager and fast (needs requirements-export.txt)")
     return parser
@@ -372,16 +375,23 @@ def workers_needed(train_img_s: float | None, data_img_s: float | None) -> int |
 
 # ---------------------------------------------------------------- the measurements
 
-def measure_train(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
-                  device: torch.device, num_classes: int) -> dict:
-    """Train-step images/s of every mode, timed side by side on one synthetic batch."""
+def time_train_steps(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
+                     device: torch.device, num_classes: int) -> dict[str, dict]:
+    """side_by_side timing of each model's train step on one synthetic batch (gradients freed after)."""
     batch = synthetic_batch(plan.train_batch, plan.train_size, num_classes)
     for model in models.values():
         model.train()
-    runs = {name: train_step(models[name], modes[name], device, batch) for name in models}
-    timing = side_by_side(runs, plan, device)
+    timing = side_by_side({name: train_step(models[name], modes[name], device, batch) for name in models},
+                          plan, device)
     for model in models.values():
         model.zero_grad(set_to_none=True)
+    return timing
+
+
+def measure_train(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
+                  device: torch.device, num_classes: int) -> dict:
+    """Train-step images/s of every mode, timed side by side on one synthetic batch."""
+    timing = time_train_steps(models, modes, plan, device, num_classes)
     result = {f"train_{name}_img_s": plan.train_batch / t["seconds"] for name, t in timing.items()}
     result.update({f"train_{name}_peak_mem_mb": t["peak_mb"] for name, t in timing.items()})
     result["train_speedup"] = result["train_fast_img_s"] / result["train_eager_img_s"]
@@ -473,6 +483,49 @@ def tf32_flag(read: Callable[[], bool]) -> bool | None:
             return None
 
 
+def backbone_list(text: str) -> list[str]:
+    """--backbones: 'all', 'none' or comma-separated names, each checked."""
+    if text == "none":
+        return []
+    names = list(BACKBONES) if text == "all" else [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKBONES]
+    if unknown:
+        raise UserError(f"--backbones: unknown {', '.join(unknown)}; expected all, none or some of {', '.join(BACKBONES)}")
+    return names
+
+
+def backbone_config(backbone: str, plan: Plan, num_classes: int) -> FCNConfig:
+    """FCN-8s on a backbone: VGG's fc6/fc7 at the plan's width, the others at their classifier's own."""
+    width = plan.fc_width if backbone.startswith("vgg") else None
+    return FCNConfig("fcn8s", backbone, num_classes, width)
+
+
+def measure_backbones(names: list[str], plan: Plan, mode: Mode, device: torch.device, num_classes: int) -> dict:
+    """The fast path's train-step and inference images/s of FCN-8s on each backbone (the plan's sizes and
+    batches, all backbones' blocks alternating), with parameters and FLOPs per image."""
+    if not names:
+        return {}
+    models, result = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        config = backbone_config(name, plan, num_classes)
+        models[name] = prepare(FCN(config), mode, device)
+        with torch.device("meta"):
+            meta_model = FCN(config)
+        result[name] = {"fc_width": config.width, "params_m": sum(p.numel() for p in meta_model.parameters()) / 1e6,
+                        "train_gflops_per_img": count_flops(meta_model, plan.train_batch, plan.train_size, True) / 1e9,
+                        "infer_gflops_per_img": count_flops(meta_model, 1, plan.infer_size, False) / 1e9}
+    trained = time_train_steps(models, dict.fromkeys(names, mode), plan, device, num_classes)
+    for model in models.values():
+        model.eval()
+    images = synthetic_batch(plan.infer_batch, plan.infer_size, num_classes)[0]
+    infer = side_by_side({name: infer_call(models[name], mode, device, images) for name in names}, plan, device)
+    for name in names:
+        result[name].update(train_img_s=plan.train_batch / trained[name]["seconds"],
+                            infer_img_s=plan.infer_batch / infer[name]["seconds"])
+    return result
+
+
 # ---------------------------------------------------------------- report
 
 def number(value: float | None, unit: str = "", digits: int = 1) -> str:
@@ -531,6 +584,18 @@ def model_rows(r: dict) -> list[tuple[str, ...]]:
         (f"peak memory ({memory})", number(r["peak_mem_mb"], " MiB", 0), "", "")]
 
 
+def backbone_rows(r: dict) -> list[tuple[str, ...]]:
+    """(backbone, train img/s, inference img/s, parameters) rows of the fast path on every backbone."""
+    rows = [(f"FCN-8s per backbone, fast path: train {size(r['train_size'])} batch {r['train_batch']}, inference "
+             f"{size(r['infer_size'])} batch {r['infer_batch']}", "train img/s", "infer img/s", "params")]
+    for name, row in r["backbones"].items():
+        width = f", fc {row['fc_width']}" if row["fc_width"] else ""
+        rows.append((f"{name}{width} ({row['train_gflops_per_img']:.1f} GFLOP/img train)",
+                     number(row["train_img_s"], "", 2), number(row["infer_img_s"], "", 2),
+                     f"{row['params_m']:.1f}M"))
+    return rows
+
+
 def print_report(r: dict) -> None:
     """The human-readable tables."""
     print(f"bench.py on {r['device']} ({r['device_name']}), torch {r['torch']}, {r['date']}")
@@ -544,6 +609,8 @@ def print_report(r: dict) -> None:
               f"cuDNN conv {r['tf32_conv']}, matmul {r['tf32_matmul']}")
     print(f"timing: medians of {r['repeats']} alternating eager/fast blocks of {r['steps']} call(s) after warm-up")
     rows = [*data_rows(r), ("", "", "", ""), *model_rows(r)]
+    if r["backbones"]:
+        rows += [("", "", "", ""), *backbone_rows(r)]
     width = max(len(row[0]) for row in rows)
     for what, first, second, third in rows:
         print(f"{what:<{width}}  {first:>16}  {second:>16}  {third:>8}".rstrip())
@@ -567,6 +634,8 @@ def main(args: argparse.Namespace) -> dict:
     result["workers_needed"] = workers_needed(result["train_fast_img_s"], result["data_recipe_img_s"]) if cuda else None
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
     result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
+    result["backbones"] = measure_backbones(backbone_list(args.backbones), plan, modes["fast"], device,
+                                            table.num_classes)
     if args.onnx:
         result.update(bench_onnx(plan, modes, device, table, "torchscript" if args.quick else "dynamo"))
     print_report(result)

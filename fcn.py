@@ -191,7 +191,10 @@ class FCN(nn.Module):
             score = self.upscore2(score) + self.score_pool4(features["16"])
         if self.config.variant == "fcn8s":
             score = self.upscore_pool4(score) + self.score_pool3(features["8"])
-        return self.upscore(score)[..., :height, :width]
+        logits = self.upscore(score)
+        # Cropped by negative padding, whose output size is height x width as an expression: a slice would make
+        # torch.export guard on whether the input needed padding, and the ONNX graph keep only that case.
+        return F.pad(logits, (0, width - logits.shape[-1], 0, height - logits.shape[-2]))
 
 
 def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,21 +232,26 @@ def load_pretrained(model: FCN, source: str) -> None:
         if not Path(source).is_file():
             raise UserError(f"--pretrained: {source} not found")
         state = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise UserError(f"--pretrained {source}: not a state dict (a torchvision {config.backbone}'s state_dict())")
-    loaded = {}
-    for key, target in model.state_dict().items():
-        name = source_name(config.backbone, key)
-        if name is None:
-            continue
-        value = state.get(name)
-        expected = target.shape if target.ndim < 2 or key.startswith("backbone.") else target.flatten(1).shape
-        if not isinstance(value, torch.Tensor) or value.shape != expected:
-            found = "missing" if value is None else f"shape {list(value.shape)}"
-            raise UserError(f"--pretrained {source}: not a {config.backbone} state dict "
-                            f"({name}: expected shape {list(expected)}, {found})")
-        loaded[key] = value.reshape(target.shape)  # the paper's convolutionalisation: fc weights as kernels
+    check_classifier_state(state, config.backbone, source)
+    loaded = {key: state[name].reshape(target.shape)  # the paper's convolutionalisation: fc weights as kernels
+              for key, target in model.state_dict().items()
+              if (name := source_name(config.backbone, key)) is not None}
     model.load_state_dict(loaded, strict=False)
+
+
+def check_classifier_state(state: object, backbone: str, source: str) -> None:
+    """A state dict of exactly this torchvision classifier (every key, no other, the same shapes), else one line."""
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        expected = {key: value.shape for key, value in classifier(backbone).state_dict().items()}
+    if not isinstance(state, dict):
+        raise UserError(f"--pretrained {source}: not a state dict (a torchvision {backbone}'s state_dict())")
+    problems = [f"{key} missing" for key in expected if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    problems += [f"{key} has shape {list(state[key].shape)}, expected {list(shape)}" for key, shape in expected.items()
+                 if key in state and getattr(state[key], "shape", None) != shape]
+    if problems:
+        more = f" and {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise UserError(f"--pretrained {source}: not a {backbone} state dict ({'; '.join(problems[:2])}{more})")
 
 
 def source_name(backbone: str, key: str) -> str | None:

@@ -91,9 +91,14 @@ def test_pretrained_wrong_backbone_file(tmp_path):
 
 
 def test_pretrained_narrowed_hidden_layers_are_refused_before_any_download(monkeypatch):
+    """train.py --fc-width 1024 --pretrained: refused before the 0.5 GB download, and before building the model."""
+    import train
+    from dataset import ClassTable
     monkeypatch.setattr(fcn, "imagenet_state_dict", lambda name: pytest.fail("downloaded before the check"))
-    with pytest.raises(UserError, match="--fc-width 8; drop --fc-width"):
-        fcn.load_pretrained(FCN(FCNConfig("fcn8s", "vgg16", num_classes=11, fc_width=8)), "imagenet")
+    monkeypatch.setattr(train, "FCN", lambda config: pytest.fail("built before the check"))
+    args = train.parse_args(["--backbone", "vgg16", "--fc-width", "1024", "--pretrained"])
+    with pytest.raises(UserError, match="--fc-width 1024; drop --fc-width"):
+        train.build_model(args, ClassTable.from_csv(fcn.cfg.DEFAULT_CLASS_DICT), None)
 
 
 def test_pretrained_without_network_is_one_clear_error(monkeypatch):
