@@ -1,5 +1,6 @@
-"""The one inference path of the project: load a model, run batches (AMP, channels-last, --scale, TTA),
-evaluate a split. Used by test.py and predict.py so evaluation and prediction never disagree."""
+"""The one inference path of the project: load a trained model and its class table, run batches (AMP,
+channels-last, --scale, TTA), evaluate a split. Used by test.py, predict.py, export.py, bench.py and train.py's
+validation, so evaluation and prediction never disagree."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,25 +12,58 @@ from torch import nn
 from tqdm import tqdm
 
 import cfg
-import utils
+import devices
 from cfg import UserError
 from dataset import ClassTable, normalize_batch
 from evalution_segmentaion import ConfusionMatrix
+from fcn import FCN, FCNConfig, upgrade_state_dict
+from run_folder import load_checkpoint
 
 
 def load_model(weights: str | Path, class_dict: str | Path | None, device: torch.device,
                fallback: str | Path = cfg.DEFAULT_CLASS_DICT) -> tuple[nn.Module, ClassTable]:
     """A .pth checkpoint or an exported .onnx model (on the device, in eval mode) and the class table it was
-    trained with; --class-dict only overrides that table's colours (see utils.trained_table)."""
+    trained with; --class-dict only overrides that table's colours (see trained_table)."""
     if Path(weights).suffix.lower() == ".onnx":
         import onnx_backend  # onnxruntime is an optional install (requirements-export.txt)
         model = onnx_backend.load_onnx(weights, None, device)
-        table = utils.trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
+        table = trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
         onnx_backend.check_classes(model, table, weights)
         return model, table
-    state = utils.load_checkpoint(weights)
-    table = utils.trained_table(utils.saved_table(state), class_dict, fallback, weights)
-    return utils.model_from_checkpoint(state, table, weights).to(device).eval(), table
+    state = load_checkpoint(weights)
+    table = trained_table(saved_table(state), class_dict, fallback, weights)
+    return model_from_checkpoint(state, table, weights).to(device).eval(), table
+
+
+def saved_table(state: dict) -> dict | None:
+    """The class table a checkpoint (or an ONNX model's metadata) carries; older checkpoints only the names."""
+    if "class_table" in state:
+        return state["class_table"]
+    return {"names": list(state["class_names"])} if state.get("class_names") else None
+
+
+def trained_table(saved: dict | None, class_dict: str | Path | None, fallback: str | Path, source: str | Path) -> ClassTable:
+    """The class table of a trained model: its own (`saved`), or --class-dict, which may only override it with
+    the same class names (other colours); `fallback` serves a model that carries no colours."""
+    if class_dict is None and saved is not None and "colors" in saved:
+        return ClassTable.from_dict(saved)
+    table = ClassTable.from_csv(class_dict or fallback)
+    if saved is not None and tuple(saved["names"]) != table.names:
+        flag = f"--class-dict {class_dict}" if class_dict else f"{fallback} (pass --class-dict)"
+        raise UserError(f"{flag}: classes {', '.join(table.names)} differ from the {len(saved['names'])} that "
+                        f"{source} was trained on: {', '.join(saved['names'])}")
+    return table
+
+
+def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) -> FCN:
+    """Rebuild the network the checkpoint describes and check it fits the class table."""
+    config = FCNConfig(**state["config"]["model"])
+    if config.num_classes != table.num_classes:
+        raise UserError(f"{source}: checkpoint predicts {config.num_classes} classes but the class table "
+                        f"has {table.num_classes}")
+    model = FCN(config)
+    model.load_state_dict(upgrade_state_dict(state["model"]))
+    return model
 
 
 @dataclass(frozen=True)
@@ -100,7 +134,7 @@ class Runner:
             images = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False, antialias=factor < 1)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(self.device, self.amp):
+        with devices.autocast(self.device, self.amp):
             logits = self.model(images)
         logits = logits.float()
         if factor != 1.0:

@@ -6,32 +6,139 @@ results.json that says whether the run completed and, if not, why and where it s
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
-import inference
-import utils
+import devices
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable
+from dataset import ClassTable, colorize
 
 if TYPE_CHECKING:
     from train import Run
 
 
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, flush it to the disk, rename it into place and flush
+    the folder: a kill, a crash or a power loss leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        fsync(temporary)
+        os.replace(temporary, path)
+        fsync(path.parent)  # the rename itself is an entry of the folder
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data from the page cache to the disk."""
+    if path.is_dir() and os.name != "posix":  # only POSIX opens folders
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save a checkpoint dict atomically: a crash never leaves a truncated file."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint on the CPU with weights_only=True; a missing or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # torch's own message advises weights_only=False: arbitrary code execution, and wrong for a damaged file
+        raise UserError(f"{path}: not a checkpoint written by this project, or damaged (truncated?)") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")
+    return state
+
+
+def write_history(rows: list[dict], path: str | Path) -> None:
+    """history.csv from the rows kept in the checkpoint, so the two never disagree."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            columns = dict.fromkeys(key for row in rows for key in row)  # rows of older runs may lack some
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+    if rows:
+        atomic_write(path, write)
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> None:
+    """Loss and validation metric curves per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    validated = [row for row in rows if row["val_miou"] is not None]  # --eval-every skips some epochs
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], label="train")
+    loss_axis.plot([row["epoch"] for row in validated], [row["val_loss"] for row in validated], label="val")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    for key, label in (("val_miou", "MIoU"), ("val_pa", "PA"), ("val_mpa", "MPA")):
+        metric_axis.plot([row["epoch"] for row in validated], [row[key] for row in validated], label=label)
+    metric_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    for axis in (loss_axis, metric_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    plt.close(figure)
+
+
+def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor, table: ClassTable) -> Image.Image:
+    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels)."""
+    rows = []
+    for image, target, predicted in zip(images.cpu(), truth.cpu().numpy(), prediction.cpu().numpy()):
+        rows.append(np.concatenate([image.permute(1, 2, 0).numpy(), colorize(target, table),
+                                    colorize(predicted, table)], axis=1))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
+    """results.json of a run: the best val epoch's metrics (null before the first validation) and how the
+    run was made. wall_s sums the epochs' own time, start-up excluded."""
+    validated = [row for row in history if row["val_miou"] is not None]
+    best = max(validated, key=lambda row: row["val_miou"]) if validated else {}
+    train = config.get("train", {})
+    return {"split": "val", "miou": best.get("val_miou"), "pixel_accuracy": best.get("val_pa"),
+            "mean_pixel_accuracy": best.get("val_mpa"),
+            "iou": {key[len("iou_"):]: value for key, value in best.items() if key.startswith("iou_")},
+            "best_epoch": best.get("epoch"), "device": device, "epochs": history[-1]["epoch"] if history else 0,
+            "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
+            "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def run_config(run: Run) -> dict:
     """The resolved configuration: the model's and every training flag (paths as strings)."""
-    return {"model": utils.unwrap(run.model).config.to_dict(),
+    return {"model": devices.unwrap(run.model).config.to_dict(),
             "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}}
 
 
 def checkpoint_state(run: Run, epoch: int) -> dict:
     """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
-    return {"model": utils.unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+    return {"model": devices.unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
             "best_miou": run.best_miou, "config": run_config(run), "history": run.history,
             "partial_epoch": dict(run.done), "budget": run.budget.state() if run.budget else None,
@@ -46,9 +153,9 @@ def class_entries(table: ClassTable) -> dict:
 def best_state(run: Run, epoch: int, metrics: dict) -> dict:
     """best.pth: only what test.py, predict.py and --init-from read. The weights are copied on the device
     (cheap) because the file is written later, at the checkpoint cadence."""
-    weights = {k: v.detach().clone() for k, v in utils.unwrap(run.model).state_dict().items()}
+    weights = {k: v.detach().clone() for k, v in devices.unwrap(run.model).state_dict().items()}
     return {"model": weights, "config": run_config(run), "metrics": metrics, "epoch": epoch,
-            "precision": utils.precision_name(run.loop.amp), **class_entries(run.table)}
+            "precision": devices.precision_name(run.loop.amp), **class_entries(run.table)}
 
 
 def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
@@ -76,7 +183,7 @@ def prepare(run: Run) -> None:
         return
     run.args.out.mkdir(parents=True, exist_ok=True)
     if run.history:  # epochs after the last checkpoint are redone: the csv must not list them twice
-        utils.write_history(run.history, run.args.out / "history.csv")
+        write_history(run.history, run.args.out / "history.csv")
     for stale in run.args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
         stale.unlink(missing_ok=True)
 
@@ -98,49 +205,44 @@ def save(run: Run, epoch: int, samples: bool = True) -> None:
 def write_plots(run: Run, samples: bool = True) -> None:
     """curves.png from the history so far, val_samples.png from the model as it is."""
     if run.history:
-        utils.plot_curves(run.history, run.args.out / "curves.png")
+        plot_curves(run.history, run.args.out / "curves.png")
     if samples:
-        save_val_samples(utils.unwrap(run.model), run.val_loader.dataset, run.table, run.loop,
-                         run.args.out / "val_samples.png")
+        write_samples(*run.samples(), run.table, run.args.out / "val_samples.png")
 
 
 def save_checkpoints(run: Run, epoch: int) -> None:
     """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
     last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
     save_best(run)
-    utils.save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
+    save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
     run.saved_at, run.checkpointed, run.saved_epoch = time.perf_counter(), True, epoch
 
 
 def save_best(run: Run) -> None:
     """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
     if run.best is not None:
-        utils.save_checkpoint(run.best, run.args.out / "best.pth")
+        save_checkpoint(run.best, run.args.out / "best.pth")
         run.best = None
 
 
-def save_val_samples(model: torch.nn.Module, dataset: CamVidDataset, table: ClassTable, loop, path: Path) -> None:
-    """A few val images with truth and prediction side by side."""
-    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
-    images, labels = zip(*(dataset[i] for i in picks))
-    images, labels = torch.stack(images), torch.stack(labels)
-    model.eval()
-    prediction = inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
-    grid = utils.sample_grid(images, labels, prediction, table)
-    utils.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor, table: ClassTable,
+                  path: Path) -> None:
+    """val_samples.png: a few val images with truth and prediction side by side."""
+    grid = sample_grid(images, labels, prediction, table)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
     """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
     command = "python train.py " + " ".join(sys.argv[1:])
-    results = utils.run_results(run.history, run_config(run), utils.device_name(run.loop.device), command)
-    results.update(completed=stopped is None, precision=utils.precision_name(run.loop.amp))
+    results = run_results(run.history, run_config(run), devices.device_name(run.loop.device), command)
+    results.update(completed=stopped is None, precision=devices.precision_name(run.loop.amp))
     if stopped is not None:
         results.update(stop_reason=stopped, stopped_epoch=epoch)
     if run.budget is not None:
         results["time_budget"] = {"seconds": run.budget.seconds, "spent": round(run.budget.spent(), 1),
                                   "epochs": run.budget.epochs}
-    utils.atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+    atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
 def check_out(out: Path) -> None:
@@ -157,7 +259,7 @@ def load_resume(args: argparse.Namespace) -> dict:
     if not path.is_file():
         raise UserError(f"--resume: {path} does not exist: the run in {args.out} stopped before it saved a "
                         f"checkpoint (its first validated epoch); start it again without --resume")
-    state = utils.load_checkpoint(path)
+    state = load_checkpoint(path)
     check_resume(args, state["config"].get("train", {}), path)
     return state
 
@@ -187,10 +289,10 @@ def diverged(run: Run, epoch: int, error: Exception) -> None:
     good = run.best["model"] if run.best is not None else None
     save_best(run)
     if good is None and (run.args.out / "best.pth").is_file():
-        good = utils.load_checkpoint(run.args.out / "best.pth")["model"]
+        good = load_checkpoint(run.args.out / "best.pth")["model"]
     try:
         if good is not None:
-            utils.unwrap(run.model).load_state_dict(good)
+            devices.unwrap(run.model).load_state_dict(good)
     except RuntimeError:  # a best.pth of another model left in the folder: no samples rather than wrong ones
         good = None
     write_plots(run, samples=good is not None)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import budget as time_budget
 import cfg
+import devices
 import inference
 import run_folder
 from budget import Budget, BudgetTooSmall, EpochCost, Schedule
@@ -28,10 +29,9 @@ from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add
                      check_data_root, label_cache_from_args, normalize_batch,
                      resolve_class_dict)
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, check_pretrainable, load_pretrained, upgrade_state_dict
-from transforms import eval_transform, train_transform
-import utils
+from devices import unwrap, wrappers
 from run_folder import set_times
-from utils import unwrap, wrappers
+from transforms import eval_transform, train_transform
 
 # `--recipe camvid`: the defaults chosen for CamVid (issue 4); explicit flags still win.
 RECIPES = {
@@ -54,8 +54,8 @@ class Loop:
     device: torch.device
     amp: torch.dtype | None
     channels_last: bool
-    dist: utils.DistInfo = field(default_factory=utils.DistInfo)
-    stop: utils.StopFlag = field(default_factory=utils.StopFlag)
+    dist: devices.DistInfo = field(default_factory=devices.DistInfo)
+    stop: devices.StopFlag = field(default_factory=devices.StopFlag)
     log_every: int = 10
     clip_grad: float = 0.0
     seed: int = 0
@@ -188,7 +188,7 @@ def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scale
     if loop.compile:  # compile for any batch size at once: the last, smaller batch must not recompile
         torch._dynamo.maybe_mark_dynamic(images, 0)
     with gradient_sync(model, sync):
-        with utils.autocast(loop.device, loop.amp):
+        with devices.autocast(loop.device, loop.amp):
             logits = model(images)
         loss = loss_fn.total(logits.float(), labels) / denominator  # the loss in fp32, whatever autocast ran
         scaler.scale(loss).backward()
@@ -254,7 +254,7 @@ def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Pa
     present = frequency > 0
     weights = torch.where(present, frequency[present].median() / frequency.clamp(min=1e-12), torch.zeros(()))
     if cache is not None:  # atomic: other ranks may read it while rank 0 writes
-        utils.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
+        run_folder.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
     return weights.float()
 
 
@@ -310,7 +310,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
         train_set.preload()
         val_set.preload()
     common = dict(num_workers=args.workers, pin_memory=args.pin_memory and loop.device.type == "cuda",
-                  persistent_workers=args.workers > 0, worker_init_fn=utils.ignore_stop_signals)
+                  persistent_workers=args.workers > 0, worker_init_fn=devices.ignore_stop_signals)
     train_sampler = SeededSampler(train_set, loop.dist.world_size, loop.dist.rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, **common)
     val_sampler = ShardSampler(len(val_set), loop.dist.world_size, loop.dist.rank)
@@ -321,7 +321,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
 def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | None) -> FCN:
     """A fresh model from the flags (plus --pretrained / --init-from), or the resumed checkpoint's."""
     if resumed is not None:
-        return utils.model_from_checkpoint(resumed, table, args.out / "last.pth")
+        return inference.model_from_checkpoint(resumed, table, args.out / "last.pth")
     config = FCNConfig(args.model, args.backbone, table.num_classes, args.fc_width)
     if args.pretrained:
         check_pretrainable(config)  # before building a large model or downloading anything
@@ -336,7 +336,7 @@ def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | Non
 def init_from(model: FCN, path: str, table: ClassTable) -> None:
     """Load every layer of a checkpoint whose tensors all fit (another variant or class set); the rest keeps
     its fresh initialisation (zero scoring layers, bilinear upsamplers). One line names what was not loaded."""
-    state = utils.load_checkpoint(path)
+    state = run_folder.load_checkpoint(path)
     source, target = upgrade_state_dict(state["model"]), model.state_dict()
     layers: dict[str, list[str]] = {}
     for key in target:
@@ -387,6 +387,19 @@ class Run:
     def schedule(self) -> Schedule:
         return self.scheduler.lr_lambdas[0]
 
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A few val images, their labels and the model's prediction, for val_samples.png."""
+        return val_samples(unwrap(self.model), self.val_loader.dataset, self.loop)
+
+
+def val_samples(model: nn.Module, dataset: CamVidDataset, loop: Loop) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to 3 val images spread over the split, their labels and the model's prediction."""
+    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
+    images, labels = zip(*(dataset[i] for i in picks))
+    images, labels = torch.stack(images), torch.stack(labels)
+    model.eval()
+    return images, labels, inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
+
 
 def validate(run: Run, epoch: int) -> dict | None:
     """Val metrics every --eval-every epochs, at the last epoch and at a budget's measured epoch; None between."""
@@ -419,11 +432,11 @@ def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float)
         run_folder.save(run, epoch)
         saved = time.perf_counter() - started
     set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
-    utils.write_history(run.history, run.args.out / "history.csv")  # small: every epoch
+    run_folder.write_history(run.history, run.args.out / "history.csv")  # small: every epoch
     return saved
 
 
-def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
+def sync_buffers(model: nn.Module, dist_info: devices.DistInfo) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank: without SyncBatchNorm each
     rank's last forward updated its own copy, but validation must score the one model last.pth saves."""
     if dist_info.enabled:
@@ -484,7 +497,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue from RUN_DIR/last.pth")
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--seed", type=int, default=0)
-    add("--workers", type=int, default=utils.default_workers(),
+    add("--workers", type=int, default=devices.default_workers(),
         help="data loader processes: cores - 2 (the main process and its pin-memory thread keep two), at most 8")
     add("--cache", action="store_true", help="decode the splits once into memory")
     add_label_cache_args(parser)
@@ -560,9 +573,9 @@ def setup(args: argparse.Namespace) -> Run:
     args.out = args.out or Path("weights") / args.model
     run_folder.check_out(args.out)
     args.class_dict = resolve_class_dict(args.data_root, args.class_dict)
-    device = utils.resolve_device(args.device)
-    dist_info, device = utils.init_distributed(device)
-    loop = Loop(device, utils.amp_dtype(device, args.amp), args.channels_last, dist_info,
+    device = devices.resolve_device(args.device)
+    dist_info, device = devices.init_distributed(device)
+    loop = Loop(device, devices.amp_dtype(device, args.amp), args.channels_last, dist_info,
                 log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed, compile=bool(args.compile),
                 accum_steps=args.accum_steps)
     torch.manual_seed(args.seed)
@@ -719,7 +732,7 @@ def stop(run: Run, epoch: int) -> None:
 
 def stop_workers(loader: DataLoader) -> None:
     """Shut persistent workers down now, through the DataLoader's own sentinel path: left to interpreter exit,
-    multiprocessing would SIGTERM them, which they ignore (utils.ignore_stop_signals), and wait forever."""
+    multiprocessing would SIGTERM them, which they ignore (devices.ignore_stop_signals), and wait forever."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
@@ -740,6 +753,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as error:
-        utils.fail(str(error))
+        cfg.fail(str(error))
     except TrainingDiverged as error:
-        utils.fail(f"{error}; the last good checkpoints are kept (lower --lr or set --clip-grad)", code=1)
+        cfg.fail(f"{error}; the last good checkpoints are kept (lower --lr or set --clip-grad)", code=1)

@@ -87,9 +87,10 @@ def train_in_process(*argv: str) -> None:
     budget's clock starts at set-up rather than with pytest's process."""
     import budget
     import train
-    import utils
+    import devices
+    import run_folder
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils.StopFlag, "install", lambda self: None)
+        patch.setattr(devices.StopFlag, "install", lambda self: None)
         patch.setattr(budget, "process_age", lambda: 0.0)
         train.main(train.parse_args(list(argv)))
 
@@ -99,8 +100,9 @@ def fit_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after:
     with pytest's process); optionally a stop request after N optimizer steps. Undoes `monkeypatch` after."""
     import budget
     import train
-    import utils
-    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
+    import devices
+    import run_folder
+    monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)
     monkeypatch.setattr(budget, "process_age", lambda: 0.0)
     run = train.setup(train.parse_args(args))
     if stop_after is not None:
@@ -136,12 +138,13 @@ def reactive_checkpoint(path: Path, backbone: str, fc_width: int):
     """Save a narrow FCN-8s whose scoring layers are random (not the paper's zeros), so its predictions and loss
     react to everything before them; returns the model in eval mode."""
     import torch
-    import utils
+    import devices
+    import run_folder
     from fcn import FCN, FCNConfig
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", backbone, 11, fc_width=fc_width))
     with torch.no_grad():
         for layer in (model.score_fr, model.score_pool4, model.score_pool3):
             layer.weight.normal_(std=0.5)
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return model.eval()

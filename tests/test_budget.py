@@ -17,8 +17,8 @@ import fixtures_dist as fx  # noqa: E402
 from conftest import fit_in_process  # noqa: E402
 
 import budget  # noqa: E402
+import run_folder  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from budget import Budget, BudgetTooSmall, EpochCost, Schedule  # noqa: E402
 from cfg import UserError  # noqa: E402
 
@@ -139,7 +139,7 @@ def test_a_stopped_budgeted_run_resumes_on_its_plan(data, tmp_path, monkeypatch,
     out = ["--out", str(tmp_path / "cut")]
     fit_in_process(common + out + ["--time-budget", "10m", "--epochs", "4"], monkeypatch, stop_after=6)
     assert "time budget 10m: 4 epochs" in capsys.readouterr().out
-    saved = utils.load_checkpoint(tmp_path / "cut" / "last.pth")
+    saved = run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 2 and saved["budget"]["epochs"] == 4
     fit_in_process(common + out + ["--time-budget", "10m", "--epochs", "9", "--resume"], monkeypatch)
     fit_in_process(common + ["--out", str(tmp_path / "whole"), "--epochs", "4"], monkeypatch)
@@ -176,7 +176,7 @@ def test_a_deadline_in_the_middle_stops_cleanly(data, tmp_path, monkeypatch, cap
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["completed"] and results["stop_reason"].startswith("time budget")
     assert all((tmp_path / name).is_file() for name in RUN_FILES)
-    assert utils.load_checkpoint(tmp_path / "last.pth")["partial_epoch"]["steps"] == 1
+    assert run_folder.load_checkpoint(tmp_path / "last.pth")["partial_epoch"]["steps"] == 1
 
 
 def test_time_budget_flags(data, tmp_path):

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 from conftest import reactive_checkpoint  # noqa: E402
 
+import inference  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -54,7 +54,7 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     # The val split sharded 2/1 over the ranks, the confusion matrix and loss all-reduced, every rank on rank 0's
     # BatchNorm statistics: the same numbers as one process scoring the saved model.
     table = ClassTable.from_csv(data / "class_dict.csv")
-    model = utils.model_from_checkpoint(checkpoint, table, out / "last.pth")
+    model = inference.model_from_checkpoint(checkpoint, table, out / "last.pth")
     loader = torch.utils.data.DataLoader(CamVidDataset(data, "val", table), batch_size=2)
     single = train.evaluate(model, loader, table.num_classes, train.Loop(torch.device("cpu"), None, False))
     assert float(rows[-1]["val_loss"]) == pytest.approx(single["loss"], rel=1e-6)

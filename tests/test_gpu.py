@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
-from evalution_segmentaion import ConfusionMatrix  # noqa: E402
+import devices  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from evalution_segmentaion import ConfusionMatrix  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
 NUM_CLASSES = 11
@@ -46,7 +46,7 @@ def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
                                                "--epochs", "2", "--warmup-epochs", "1", "--schedule", "poly"])
     optimizer = train.build_optimizer(model, args, device)
     scheduler = train.build_scheduler(optimizer, args, batches)
-    loop = train.Loop(device, utils.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
+    loop = train.Loop(device, devices.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
     scaler = torch.amp.GradScaler("cuda", enabled=loop.amp == torch.float16)
     count = 2 * batches - 1
     images = torch.randint(0, 256, (count, 3, 64, 96), dtype=torch.uint8)
@@ -95,12 +95,12 @@ def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, mon
         real_all_reduce = torch.distributed.all_reduce
         monkeypatch.setattr(torch.distributed, "all_reduce",
                             lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
-        flag, ranks = utils.StopFlag(), utils.DistInfo(rank=0, world_size=2)  # the multi-process code path
+        flag, ranks = devices.StopFlag(), devices.DistInfo(rank=0, world_size=2)  # the multi-process code path
         flag.requested = True
         assert [flag.agreed(torch.device("cpu"), ranks, step, every=4) for step in range(1, 9)] == \
             [False, False, False, True] + [True] * 4
         assert len(reduced) == 2  # steps 4 and 8
-        late = utils.StopFlag()
+        late = devices.StopFlag()
         assert not late.agreed(torch.device("cpu"), ranks, 4, every=4)
         late.requested = True
         assert late.agreed(torch.device("cpu"), ranks, 0, every=4)  # the end-of-epoch agreement
@@ -111,11 +111,11 @@ def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, mon
 def test_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
     """Pre-Ampere GPUs emulate bf16 (torch.cuda.is_bf16_supported() says True): fp16 is faster there."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
+    assert devices.amp_dtype(torch.device("cuda"), True) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
-    assert utils.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
-    assert utils.amp_dtype(torch.device("cuda"), False) is None and utils.amp_dtype(torch.device("cpu"), False) is None
-    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions runs fp32
-    assert utils.amp_dtype(torch.device("cpu"), True) is None
-    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: True)
-    assert utils.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert devices.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
+    assert devices.amp_dtype(torch.device("cuda"), False) is None and devices.amp_dtype(torch.device("cpu"), False) is None
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions runs fp32
+    assert devices.amp_dtype(torch.device("cpu"), True) is None
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: True)
+    assert devices.amp_dtype(torch.device("cpu"), True) == torch.bfloat16

@@ -21,9 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 
+import devices  # noqa: E402
+import inference  # noqa: E402
+import run_folder  # noqa: E402
 import test as test_script  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from budget import Schedule  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
@@ -72,7 +74,7 @@ def test_sigkill_in_epoch_two_then_resume(data: Path, reference: Path, tmp_path:
     fx.wait_for_step(process, stderr, epoch=2)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
-    saved = utils.load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated
+    saved = run_folder.load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 0
     metrics = test_script.main(test_script.get_args_parser().parse_args(
         ["--data-root", str(data), "--split", "val", "--weights", str(tmp_path / "run" / "best.pth"),
@@ -96,7 +98,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(data: P
     message = stdout.read_text()
     assert "SIGTERM: stopped in epoch 2 after step" in message
     assert "Resume with the same command plus --resume" in message
-    saved = utils.load_checkpoint(tmp_path / "run" / "last.pth")
+    saved = run_folder.load_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] >= 1  # the partial epoch is kept
     results = json.loads((tmp_path / "run" / "results.json").read_text())  # a complete folder, marked unfinished
     assert not results["completed"] and results["stopped_epoch"] == 2 and "SIGTERM" in results["stop_reason"]
@@ -114,21 +116,30 @@ def test_sigint_stops_cleanly_with_a_resume_hint(data: Path, tmp_path: Path):
     assert process.wait(timeout=60) == 0, stderr.read_text()
     assert "SIGINT: stopped in epoch 1" in stdout.read_text()
     assert "Traceback" not in stderr.read_text()
-    assert utils.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
+    assert run_folder.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path: Path):
     target = tmp_path / "last.pth"
-    utils.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, target)
+    run_folder.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, target)
 
     def broken(temporary: Path) -> None:
         temporary.write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        utils.atomic_write(target, broken)
-    assert torch.equal(utils.load_checkpoint(target)["model"]["w"], torch.zeros(3))
+        run_folder.atomic_write(target, broken)
+    assert torch.equal(run_folder.load_checkpoint(target)["model"]["w"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary left behind
+
+
+def test_atomic_write_flushes_the_file_then_the_folder_to_the_disk(tmp_path: Path, monkeypatch):
+    """A rename only survives a power loss once the file's data and the folder's entry are on the disk."""
+    flushed, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda handle: (flushed.append(os.readlink(f"/proc/self/fd/{handle}")),
+                                                     real_fsync(handle)))
+    run_folder.atomic_write(tmp_path / "results.json", lambda tmp: tmp.write_text("{}"))
+    assert [Path(path).name for path in flushed] == [".results.json.tmp%d" % os.getpid(), tmp_path.name]
 
 
 def test_sigkill_during_checkpoint_writes_never_truncates(tmp_path: Path):
@@ -136,20 +147,20 @@ def test_sigkill_during_checkpoint_writes_never_truncates(tmp_path: Path):
     loads whole, holding one of the two states (a forked child: no second interpreter start-up)."""
     target = tmp_path / "last.pth"
     states = [{"model": {"w": torch.full((1 << 20,), float(i))}, "config": {}} for i in range(2)]
-    utils.save_checkpoint(states[0], target)
+    run_folder.save_checkpoint(states[0], target)
     for delay in (0.005, 0.02, 0.05, 0.11, 0.23):
         pid = os.fork()
         if pid == 0:  # the child writes until it is killed
             try:
                 for i in itertools.count(1):
-                    utils.save_checkpoint(states[i % 2], target)
+                    run_folder.save_checkpoint(states[i % 2], target)
             finally:
                 os._exit(1)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL  # killed, not finished
-        weights = utils.load_checkpoint(target)["model"]["w"]
+        weights = run_folder.load_checkpoint(target)["model"]["w"]
         assert weights.shape == (1 << 20,) and float(weights[0]) in (0.0, 1.0)
         assert bool((weights == weights[0]).all())
 
@@ -165,7 +176,7 @@ def test_sigterm_to_the_whole_process_group_with_workers_stops_cleanly(data: Pat
     assert process.wait(timeout=60) == 0, stderr.read_text()
     assert "SIGTERM: stopped in epoch 1" in stdout.read_text()
     assert "Traceback" not in stderr.read_text()
-    assert utils.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
+    assert run_folder.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
     fx.run(command + ["--resume"])
     assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1", "2"]
 
@@ -242,11 +253,11 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
     on leaves something to test and resume) and after the last one (always validated and saved), none in
     between; --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
     saved, plotted = [], []
-    real_save, real_plot = utils.save_checkpoint, utils.plot_curves
-    monkeypatch.setattr(utils, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
+    real_save, real_plot = run_folder.save_checkpoint, run_folder.plot_curves
+    monkeypatch.setattr(run_folder, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
                                                                         real_save(state, path)))
-    monkeypatch.setattr(utils, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
-    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)  # keep pytest's own signal handlers
+    monkeypatch.setattr(run_folder, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
+    monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)  # keep pytest's own signal handlers
     out = tmp_path / "run"
     train.main(train.parse_args(fx.train_args(data, out, "--epochs", "3", "--eval-every", "2",
                                               "--save-every", "3600")[1:]))
@@ -259,9 +270,9 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
         parts = [float(row[key]) for key in ("train_seconds", "val_seconds", "other_seconds")]
         assert float(row["seconds"]) == pytest.approx(sum(parts), abs=0.002) and parts[0] > 0
     assert float(rows[0]["val_seconds"]) == 0 < float(rows[1]["val_seconds"])
-    best = utils.load_checkpoint(out / "best.pth")
+    best = run_folder.load_checkpoint(out / "best.pth")
     assert set(best) == {"model", "config", "metrics", "class_names", "class_table", "precision", "epoch"}
     assert best["epoch"] in (2, 3) and best["class_table"]["names"] == best["class_names"]
     assert best["metrics"]["miou"] == max(float(rows[1]["val_miou"]), float(rows[2]["val_miou"]))
     table = train.ClassTable.from_csv(data / "class_dict.csv")
-    utils.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do
+    inference.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do
