@@ -1,5 +1,6 @@
 """Where a run computes: the device and its name, the precision (autocast dtype), data-loader workers, the
-torchrun process group, stop signals, and the model inside its wrappers."""
+torchrun process group and the one decision its ranks agree on, stop signals, and the model inside its
+wrappers."""
 from __future__ import annotations
 
 import contextlib
@@ -109,12 +110,26 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def agree(device: torch.device, info: DistInfo, everyone: list[float],
+          main: list[float]) -> tuple[list[float], list[float]]:
+    """One all-reduce that makes every rank take the same decision: the sums over the ranks of `everyone`
+    (flags any rank may raise, counts) and rank 0's `main` (its plan: its clock and costs are the run's).
+    Run plainly, the values themselves."""
+    if not info.enabled:
+        return list(everyone), list(main)
+    values = torch.tensor([*everyone, *(main if info.is_main else [0.0] * len(main))], dtype=torch.float64,
+                          device=device)
+    dist.all_reduce(values)
+    summed = values.tolist()
+    return summed[:len(everyone)], summed[len(everyone):]
+
+
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+    """Turns SIGINT/SIGTERM (or a budget's deadline) into a request to stop after the current step."""
 
     def __init__(self):
-        self.requested = False  # this process got a signal
-        self.stopping = False  # every process agreed to stop
+        self.requested = False  # this process was asked to stop
+        self.stopping = False  # the ranks agreed to stop
         self.signal_name = ""
 
     def install(self) -> None:
@@ -129,15 +144,10 @@ class StopFlag:
         if not self.requested:
             self.requested, self.signal_name = True, reason
 
-    def agreed(self, device: torch.device, dist_info: DistInfo, step: int, every: int = 1) -> bool:
-        """True when any process was asked to stop. Under torchrun the ranks compare flags (an all-reduce
-        and a host sync) only when `step` is a multiple of `every`, so all of them leave at the same step."""
-        if not dist_info.enabled:
-            self.stopping = self.requested
-        elif step % every == 0:
-            flag = torch.tensor([int(self.requested)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stopping = bool(flag.item())
+    def agreed(self, anyone: bool) -> bool:
+        """Take the ranks' agreement (whether any rank asked to stop, devices.agree): from then on every rank
+        is stopping, at the same step."""
+        self.stopping = self.stopping or anyone
         if self.stopping and not self.signal_name:
             self.signal_name = "stop signal (another rank)"
         return self.stopping

@@ -1,8 +1,10 @@
-"""A training run's folder: checkpoints and their cadence, history, plots, results.json and the resume checks.
+"""Everything a training run writes, and reads back on --resume: atomic files, checkpoints and their cadence,
+history.csv, the plots, results.json, and the checks that a folder may be written or resumed.
 
-Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) the folder holds
-last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
-results.json that says whether the run completed and, if not, why and where it stopped."""
+Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) train.py leaves the folder
+with last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
+results.json that says whether the run completed and, if not, why and where it stopped. Nothing here knows
+train.py: it takes the pieces it writes."""
 from __future__ import annotations
 
 import argparse
@@ -10,21 +12,20 @@ import csv
 import json
 import os
 import pickle
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-import devices
 from cfg import UserError
 from dataset import ClassTable, colorize
 
-if TYPE_CHECKING:
-    from train import Run
+# What a run leaves in its folder: a folder holding any of them holds a run.
+RUN_FILES = ("last.pth", "best.pth", "history.csv", "results.json", "curves.png", "val_samples.png")
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -130,19 +131,30 @@ def run_results(history: list[dict], config: dict, device: str, command: str) ->
             "date": time.strftime("%Y-%m-%d")}
 
 
-def run_config(run: Run) -> dict:
-    """The resolved configuration: the model's and every training flag (paths as strings)."""
-    return {"model": devices.unwrap(run.model).config.to_dict(),
-            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}}
+def run_config(model_config: dict, args: argparse.Namespace, world_size: int) -> dict:
+    """The resolved configuration: the model's, every training flag (paths as strings) and the process count."""
+    return {"model": model_config, "world_size": world_size,
+            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
-def checkpoint_state(run: Run, epoch: int) -> dict:
-    """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
-    return {"model": devices.unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best_miou": run.best_miou, "config": run_config(run), "history": run.history,
-            "partial_epoch": dict(run.done), "budget": run.budget.state() if run.budget else None,
-            **class_entries(run.table)}
+@dataclass
+class Progress:
+    """How far a run got, besides its weights and optimiser: what last.pth records for --resume."""
+
+    epoch: int  # completed epochs
+    best_miou: float
+    history: list[dict]
+    partial: dict  # the epoch in progress: optimizer steps, loss sum and count, training seconds
+    budget: dict | None = None  # --time-budget's plan and the time spent
+
+
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                     progress: Progress, config: dict, table: ClassTable) -> dict:
+    """last.pth: everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": progress.epoch, "best_miou": progress.best_miou,
+            "config": config, "history": progress.history, "partial_epoch": dict(progress.partial),
+            "budget": progress.budget, **class_entries(table)}
 
 
 def class_entries(table: ClassTable) -> dict:
@@ -150,12 +162,13 @@ def class_entries(table: ClassTable) -> dict:
     return {"class_names": list(table.names), "class_table": table.to_dict()}
 
 
-def best_state(run: Run, epoch: int, metrics: dict) -> dict:
+def best_state(model: torch.nn.Module, config: dict, epoch: int, metrics: dict, precision: str,
+               table: ClassTable) -> dict:
     """best.pth: only what test.py, predict.py and --init-from read. The weights are copied on the device
     (cheap) because the file is written later, at the checkpoint cadence."""
-    weights = {k: v.detach().clone() for k, v in devices.unwrap(run.model).state_dict().items()}
-    return {"model": weights, "config": run_config(run), "metrics": metrics, "epoch": epoch,
-            "precision": devices.precision_name(run.loop.amp), **class_entries(run.table)}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"model": weights, "config": config, "metrics": metrics, "epoch": epoch, "precision": precision,
+            **class_entries(table)}
 
 
 def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
@@ -176,53 +189,56 @@ def set_times(row: dict, train: float, val: float, other: float) -> None:
     row["seconds"] = round(train + val + other, 3)
 
 
-def prepare(run: Run) -> None:
-    """Create the run folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
-    run.saved_at = time.perf_counter()
-    if not run.loop.dist.is_main:
-        return
-    run.args.out.mkdir(parents=True, exist_ok=True)
-    if run.history:  # epochs after the last checkpoint are redone: the csv must not list them twice
-        write_history(run.history, run.args.out / "history.csv")
-    for stale in run.args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
-        stale.unlink(missing_ok=True)
+@dataclass
+class Folder:
+    """A run folder and its checkpoint cadence. Under torchrun every rank keeps one; rank 0's writes."""
 
+    out: Path
+    writes: bool = True  # rank 0
+    save_every: float = 300.0  # --save-every
+    clock: Callable[[], float] = time.perf_counter
+    saved_at: float = 0.0  # clock() of the last checkpoint write
+    saved_epoch: int = 0  # the epoch last.pth holds (0: none written by this process)
+    checkpointed: bool = False  # last.pth exists (written, or resumed from)
+    best: dict | None = None  # best.pth's state, waiting for the next checkpoint write
 
-def due(run: Run, epoch: int, validated: bool) -> bool:
-    """Whether this epoch writes the checkpoints: the first validated one always (so a crash early on leaves
-    a best.pth to test and a last.pth to resume), the last, and then every --save-every seconds."""
-    first = validated and not run.checkpointed
-    cadence = time.perf_counter() - run.saved_at >= run.args.save_every
-    return run.args.save_every <= 0 or first or epoch == run.args.epochs or cadence
+    def prepare(self, history: list[dict]) -> None:
+        """Create the folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
+        self.saved_at = self.clock()
+        if not self.writes:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if history:  # epochs after the last checkpoint are redone: the csv must not list them twice
+            write_history(history, self.out / "history.csv")
+        for stale in self.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
+            stale.unlink(missing_ok=True)
 
+    def due(self, validated: bool, final: bool) -> bool:
+        """Whether this epoch writes the checkpoints: the first validated one (so a crash early on leaves a
+        best.pth to test and a last.pth to resume), the last, and then every --save-every seconds."""
+        first = validated and not self.checkpointed
+        cadence = self.clock() - self.saved_at >= self.save_every
+        return self.save_every <= 0 or first or final or cadence
 
-def save(run: Run, epoch: int, samples: bool = True) -> None:
-    """Checkpoints, curves and (unless the weights are unusable) the val samples: one complete folder."""
-    save_checkpoints(run, epoch)
-    write_plots(run, samples)
+    def write_checkpoints(self, last: dict) -> None:
+        """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
+        last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
+        self.write_best()
+        save_checkpoint(last, self.out / "last.pth")
+        self.wrote(last["epoch"])
 
+    def wrote(self, epoch: int) -> None:
+        """last.pth now holds `epoch`: the --save-every clock starts again."""
+        self.saved_at, self.checkpointed, self.saved_epoch = self.clock(), True, epoch
 
-def write_plots(run: Run, samples: bool = True) -> None:
-    """curves.png from the history so far, val_samples.png from the model as it is."""
-    if run.history:
-        plot_curves(run.history, run.args.out / "curves.png")
-    if samples:
-        write_samples(*run.samples(), run.table, run.args.out / "val_samples.png")
+    def write_best(self) -> None:
+        """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
+        if self.best is not None:
+            save_checkpoint(self.best, self.out / "best.pth")
+            self.best = None
 
-
-def save_checkpoints(run: Run, epoch: int) -> None:
-    """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
-    last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
-    save_best(run)
-    save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
-    run.saved_at, run.checkpointed, run.saved_epoch = time.perf_counter(), True, epoch
-
-
-def save_best(run: Run) -> None:
-    """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
-    if run.best is not None:
-        save_checkpoint(run.best, run.args.out / "best.pth")
-        run.best = None
+    def write_results(self, results: dict) -> None:
+        atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
 def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor, table: ClassTable,
@@ -232,26 +248,30 @@ def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
-    """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
-    command = "python train.py " + " ".join(sys.argv[1:])
-    results = run_results(run.history, run_config(run), devices.device_name(run.loop.device), command)
-    results.update(completed=stopped is None, precision=devices.precision_name(run.loop.amp))
-    if stopped is not None:
-        results.update(stop_reason=stopped, stopped_epoch=epoch)
-    if run.budget is not None:
-        results["time_budget"] = {"seconds": run.budget.seconds, "spent": round(run.budget.spent(), 1),
-                                  "epochs": run.budget.epochs}
-    atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+def holds_a_run(out: Path) -> list[str]:
+    """The run files a folder already holds (none: a new run may start there)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def check_out(out: Path) -> None:
-    """--out must be a folder (or not exist yet)."""
+def check_out(out: Path, resume: bool) -> None:
+    """--out must be a folder, and a new run never writes into one that holds another run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; name a folder for the run")
+    found = holds_a_run(out) if not resume and out.is_dir() else []
+    if found:
+        raise UserError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                        f"or start a new one with another --out (e.g. --out {fresh_folder(out)})")
 
 
-def load_resume(args: argparse.Namespace) -> dict:
+def fresh_folder(out: Path) -> Path:
+    """The first of OUT-2, OUT-3, ... that holds no run."""
+    number = 2
+    while holds_a_run(out.with_name(f"{out.name}-{number}")):
+        number += 1
+    return out.with_name(f"{out.name}-{number}")
+
+
+def load_resume(args: argparse.Namespace, world_size: int) -> dict:
     """last.pth of the run folder, or one line saying what happened and what to run instead."""
     path = args.out / "last.pth"
     if not args.out.is_dir():
@@ -260,14 +280,24 @@ def load_resume(args: argparse.Namespace) -> dict:
         raise UserError(f"--resume: {path} does not exist: the run in {args.out} stopped before it saved a "
                         f"checkpoint (its first validated epoch); start it again without --resume")
     state = load_checkpoint(path)
-    check_resume(args, state["config"].get("train", {}), path)
+    check_resume(args, state["config"], path, world_size)
     return state
 
 
-def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
-    """Refuse a --resume whose flags would silently change what last.pth means: the samples per optimizer
-    step (they define the schedule's length and the position inside an epoch) and the backbone's lr factor
-    (it shapes the optimizer's groups and their base lr)."""
+# Flags whose change --resume would otherwise ignore or mis-apply (the optimiser and LambdaLR restore their own)
+KEPT_ON_RESUME = ("optimizer", "lr", "weight_decay", "momentum", "schedule", "backbone_lr_mult")
+
+
+def check_resume(args: argparse.Namespace, config: dict, path: Path, world_size: int) -> None:
+    """Refuse, in one line, a --resume whose flags would silently change what last.pth means: the process
+    count and the samples per optimizer step (they define the schedule's length and the position inside an
+    epoch), and the optimiser's settings that the saved state would override."""
+    saved = config.get("train", {})
+    saved_world = config.get("world_size", world_size)  # older checkpoints did not record it
+    if saved_world != world_size:
+        raise UserError(f"--resume: {path} was trained by {saved_world} process(es), this run has {world_size}: "
+                        f"resume with {saved_world} (torchrun --nproc_per_node), or start a new run from its "
+                        f"weights with --init-from {path} and another --out")
     batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
     images = batch * accum
     if args.batch_size * args.accum_steps != images:
@@ -275,37 +305,12 @@ def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
         raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
                         f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
                         f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
-    mult = saved.get("backbone_lr_mult", 1.0)
-    if args.backbone_lr_mult != mult:
-        raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
-                        f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
-
-
-def diverged(run: Run, epoch: int, error: Exception) -> None:
-    """NaN/inf loss: keep the last good last.pth, write a pending better best.pth, curves, samples of the
-    last good weights and results.json (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    good = run.best["model"] if run.best is not None else None
-    save_best(run)
-    if good is None and (run.args.out / "best.pth").is_file():
-        good = load_checkpoint(run.args.out / "best.pth")["model"]
-    try:
-        if good is not None:
-            devices.unwrap(run.model).load_state_dict(good)
-    except RuntimeError:  # a best.pth of another model left in the folder: no samples rather than wrong ones
-        good = None
-    write_plots(run, samples=good is not None)
-    write_results(run, f"diverged: {error}", epoch)
-
-
-def finish(run: Run) -> None:
-    """The last epoch's checkpoint and results.json of a completed run (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    if run.start_epoch > run.args.epochs:
-        print(f"{run.args.out / 'last.pth'} already has {run.start_epoch - 1} epochs; raise --epochs to train more")
-    elif run.history:
-        if run.saved_epoch != run.history[-1]["epoch"]:  # a budget fixed the count after the last epoch's check
-            save(run, run.history[-1]["epoch"])
-        write_results(run)
+    for name in KEPT_ON_RESUME:
+        if name == "momentum" and args.optimizer != "sgd":
+            continue  # Adam has no momentum: the flag means nothing there
+        was, now = saved.get(name, getattr(args, name)), getattr(args, name)
+        if was != now:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {path} was trained with {flag} {was}, this run asks for {now}: resume "
+                            f"with {flag} {was}, or start a new run from its weights with --init-from {path} "
+                            f"and another --out")

@@ -86,9 +86,8 @@ def train_in_process(*argv: str) -> None:
     """train.py's main in this process (no interpreter start-up): pytest keeps its signal handlers, and a time
     budget's clock starts at set-up rather than with pytest's process."""
     import budget
-    import train
     import devices
-    import run_folder
+    import train
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(devices.StopFlag, "install", lambda self: None)
         patch.setattr(budget, "process_age", lambda: 0.0)
@@ -99,9 +98,8 @@ def fit_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after:
     """train.fit in this process (pytest keeps its signal handlers, and a budget's clock starts at set-up, not
     with pytest's process); optionally a stop request after N optimizer steps. Undoes `monkeypatch` after."""
     import budget
-    import train
     import devices
-    import run_folder
+    import train
     monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)
     monkeypatch.setattr(budget, "process_age", lambda: 0.0)
     run = train.setup(train.parse_args(args))
@@ -138,7 +136,6 @@ def reactive_checkpoint(path: Path, backbone: str, fc_width: int):
     """Save a narrow FCN-8s whose scoring layers are random (not the paper's zeros), so its predictions and loss
     react to everything before them; returns the model in eval mode."""
     import torch
-    import devices
     import run_folder
     from fcn import FCN, FCNConfig
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def start(command: list[str], log_dir: Path, **popen) -> tuple[subprocess.Popen,
 
 def wait_for_step(process: subprocess.Popen, stderr: Path, epoch: int, timeout: float = 120) -> int:
     """Block until tqdm reports at least one finished step of `epoch` but not the whole epoch; the step count."""
-    pattern = re.compile(rf"epoch {epoch}:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+    pattern = re.compile(rf"epoch {epoch}(?:/\d+)?:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for done, total in pattern.findall(stderr.read_text()):

@@ -40,9 +40,9 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "1", "--backbone", "vgg16_bn",
                                                "--init-from", str(start), "--no-amp")])  # compared in fp32
     # --batch-size is per process: 4 images = 2 ranks x 1 step of 2
-    assert re.search(r"epoch 1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
+    assert re.search(r"epoch 1/1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
     # rank 0 alone logs, plots and checkpoints
-    assert result.stdout.count("epoch 1: train_loss") == 1, result.stdout
+    assert result.stdout.count("epoch 1/1: train_loss") == 1, result.stdout
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "last.pth"]
     assert not list(out.glob(".*"))  # no temporaries of interrupted or concurrent writes
     assert (out / "curves.png").is_file() and (out / "val_samples.png").is_file()

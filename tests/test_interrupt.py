@@ -229,7 +229,8 @@ def restore_into(scaler: torch.amp.GradScaler, saved_scaler: dict) -> train.Run:
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule("poly", 2, 4, 0))
-    run = train.Run(None, None, model, optimizer, scheduler, scaler, None, None, None, None)
+    run = train.Run(None, None, model, optimizer, scheduler, scaler, None, None, None,
+                    train.Loop(torch.device("cpu"), None, False), run_folder.Folder(Path("unused")))
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": saved_scaler,
              "epoch": 3, "best_miou": 0.5, "history": [],
              "partial_epoch": {"steps": 2, "loss_sum": 1.0, "count": 4, "seconds": 1.5}}  # older key name
