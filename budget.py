@@ -150,6 +150,7 @@ class Budget:
     epoch_steps: int = 0  # optimizer steps this process ran in the epoch under way
     first_step_end: float | None = None  # the process's first step: what came before it is one-off
     saved_at: float = 0.0  # clock() of the last checkpoint write
+    cuts: int = 0  # times the deadline, not a plan, ended the run: steps ran slower than planned
 
     @classmethod
     def start(cls, seconds: float, steps_per_epoch: int, max_steps: int, eval_every: int, save_every: float,
@@ -164,6 +165,7 @@ class Budget:
             budget.spent_before, budget.total = saved["spent"], saved.get("total")
             budget.costs = Costs(**saved["costs"]) if saved.get("costs") else None
             budget.replans = [list(pair) for pair in saved.get("replans", [])]
+            budget.cuts = saved.get("deadline_cuts", 0)
         return budget
 
     def spent(self) -> float:
@@ -277,7 +279,7 @@ class Budget:
             self.measured(step=rate)
             total = self.fit(step, pending=False)
         if step < total and self.left() < self.reserve(validate=True) + wait * self.costs.step:
-            total = step
+            total, self.cuts = step, self.cuts + 1
         return total, False
 
     def at_epoch_end(self, step: int, epoch: int) -> tuple[int | None, bool]:
@@ -293,9 +295,8 @@ class Budget:
     def state(self) -> dict:
         """What last.pth and results.json keep: the plan, its re-plans, the costs and the time spent."""
         return {"seconds": self.seconds, "spent": round(self.spent(), 1), "total": self.total,
-                "steps_per_epoch": self.steps_per_epoch,
                 "costs": {k: round(v, 3) for k, v in asdict(self.costs).items()} if self.costs else None,
-                "replans": [list(pair) for pair in self.replans]}
+                "replans": [list(pair) for pair in self.replans], "deadline_cuts": self.cuts}
 
 
 class BudgetTooSmall(UserError):

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -178,10 +179,11 @@ SIM = budget_sim()
 def test_simulated_budgets_are_spent_and_met(costs):
     """The planner train.py drives, on a simulated clock: budgets of 10 to 30 minutes with CPU-like and GPU-like
     costs (an epoch of 2 s, validation 0.5 s, a 3 s checkpoint), steady, wandering +-20 % or drifting +30 %:
-    every run ends at its planned last step, validated and saved, lr 0, within the budget, using >= 97 % of it."""
+    every run ends at its planned last step (the deadline never has to cut it), validated and saved, lr 0,
+    within the budget, using >= 97 % of it."""
     for seconds in (600, 750, 1000, 1370, 1800):
         outcome = SIM.simulate(seconds, costs, seed=seconds)
-        assert outcome.completed and outcome.final_lr == 0.0, (seconds, outcome)
+        assert outcome.completed and outcome.final_lr == 0.0 and outcome.cuts == 0, (seconds, outcome)
         assert 0.97 <= outcome.used <= 1.0, (seconds, outcome)
 
 
@@ -249,6 +251,18 @@ def test_a_budget_added_on_resume_counts_from_there_and_goes_on_from_the_rate_re
     results = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert results["completed"] and results["time_budget"]["total"] == 16
     assert results["time_budget"]["spent"] < 300  # this process's time, not a budget counted from epoch 1
+
+
+def test_a_run_resumed_in_its_measured_epoch_times_its_checkpoint_write(data, tmp_path, monkeypatch, capsys):
+    """Stopped in its first epoch (last.pth exists), resumed: the measured epoch still writes its checkpoints and
+    times them, so the plan never counts the final write as free."""
+    common = fx.train_args(data, tmp_path, "--epochs", "6", "--time-budget", "10m", "--schedule", "poly")[1:]
+    fit_in_process(common, monkeypatch, stop_after=2)
+    fit_in_process(common + ["--resume"], monkeypatch)
+    plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time budget 10m: ")]
+    assert len(plan) == 1 and not re.search(r"checkpoint 0\.0 s", plan[0]), plan
+    state = run_folder.load_checkpoint(tmp_path / "last.pth")["budget"]
+    assert state["costs"]["save"] > 0 and state["total"] == 24
 
 
 def diverging_on(rank_epoch: tuple[int, int]):

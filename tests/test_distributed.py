@@ -13,9 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 from conftest import reactive_checkpoint  # noqa: E402
 
+import devices  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
+from cfg import UserError  # noqa: E402
 from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -103,3 +106,16 @@ def test_resumed_sampler_skips_the_samples_already_done():
         sampler.set_epoch(4, skip=skip)
         assert [index for index, _ in sampler] == full[skip:]
         assert len(sampler) == len(full[skip:])
+
+
+def test_sync_batch_norm_only_when_asked_and_then_ddp_leaves_the_buffers_to_it(data: Path, tmp_path: Path):
+    """--sync-bn (off by default): SyncBatchNorm layers under torchrun, DDP's buffer broadcast off; refused in one
+    line on a CPU, where DDP rejects SyncBatchNorm."""
+    ranks = train.Loop(torch.device("cpu"), None, False, devices.DistInfo(rank=0, world_size=2))
+    for argv, expected in (([], 0), (["--sync-bn"], 13)):  # VGG16-BN has 13 BatchNorm layers
+        model = train.place_model(FCN(FCNConfig("fcn32s", "vgg16_bn", 11, fc_width=8)), train.parse_args(argv), ranks)
+        assert sum(isinstance(layer, torch.nn.SyncBatchNorm) for layer in model.modules()) == expected
+    assert train.buffer_sync(False) == {}
+    assert train.buffer_sync(True) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    with pytest.raises(UserError, match="^--sync-bn: SyncBatchNorm runs on CUDA GPUs only"):
+        train.setup(train.parse_args(fx.train_args(data, tmp_path / "run", "--sync-bn")[1:]))

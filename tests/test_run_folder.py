@@ -3,6 +3,7 @@
 at the start, every epoch and the end, and --tensorboard writes events TensorBoard reads back."""
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ import pytest
 import run_folder
 import train
 from cfg import UserError
-from conftest import SMALL_TRAIN, run_cli, train_in_process
+from conftest import REPO, SMALL_TRAIN, run_cli, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,15 @@ def test_tensorboard_missing_is_one_line_naming_the_install(camvid, tmp_path, mo
     with pytest.raises(UserError, match=r"^--tensorboard needs TensorBoard: pip install tensorboard$"):
         train.setup(train.parse_args(flags(camvid, tmp_path / "run", "--tensorboard")))
     assert not (tmp_path / "run").exists()
+
+
+def test_nothing_below_train_py_imports_it():
+    """The modules train.py wires together (budget, run_folder, devices, inference, ...) take what they need:
+    none of them imports train, not even for type hints."""
+    for path in sorted(REPO.glob("*.py")):
+        if path.name in ("train.py", "bench.py"):  # bench.py times train.py's own steps
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "train" not in imported, path.name

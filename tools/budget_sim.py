@@ -74,6 +74,7 @@ class Outcome:
     replans: int
     final_lr: float  # the schedule's factor after the last step
     detail: str = ""
+    cuts: int = 0  # times the deadline moved the end to the step it came at (steps slower than planned)
 
 
 def simulate(seconds: float, costs: Costs, seed: int = 0, max_epochs: int = 100000, warmup: int = 2,
@@ -123,7 +124,7 @@ def simulate(seconds: float, costs: Costs, seed: int = 0, max_epochs: int = 1000
     clock.now += exit_seconds
     within = clock.now <= seconds
     return Outcome(clock.now / seconds, within, epoch - 1, len(budget.replans), schedule(step),
-                   "" if within else "over the budget")
+                   "" if within else "over the budget", budget.cuts)
 
 
 def follow(budget: Budget, schedule: Schedule, total: int | None, step: int) -> None:
@@ -134,14 +135,15 @@ def follow(budget: Budget, schedule: Schedule, total: int | None, step: int) -> 
 
 def table(budgets: list[float], seeds: int) -> list[str]:
     """Markdown rows: per cost model, the least and mean share used and how many runs completed."""
-    lines = ["| costs | budgets | runs | completed | share used: least | mean | re-plans (mean) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| costs | budgets | runs | completed | share used: least | mean | re-plans (mean) | cut by the deadline |",
+             "|---|---|---|---|---|---|---|---|"]
     for costs in MODELS:
         outcomes = [simulate(seconds, costs, seed) for seconds in budgets for seed in range(seeds)]
         used = [outcome.used for outcome in outcomes]
         lines.append(f"| {costs.name} | {budgets[0] / 60:g}-{budgets[-1] / 60:g} min | {len(outcomes)} | "
                      f"{sum(o.completed for o in outcomes)} | {100 * min(used):.1f} % | "
-                     f"{100 * sum(used) / len(used):.1f} % | {sum(o.replans for o in outcomes) / len(outcomes):.0f} |")
+                     f"{100 * sum(used) / len(used):.1f} % | {sum(o.replans for o in outcomes) / len(outcomes):.0f} | "
+                     f"{sum(o.cuts > 0 for o in outcomes)} |")
     return lines
 
 
