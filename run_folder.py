@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -201,6 +202,7 @@ class Folder:
     saved_epoch: int = 0  # the epoch last.pth holds (0: none written by this process)
     checkpointed: bool = False  # last.pth exists (written, or resumed from)
     best: dict | None = None  # best.pth's state, waiting for the next checkpoint write
+    pending: Future | None = None  # a checkpoint write under way in the background
 
     def prepare(self, history: list[dict]) -> None:
         """Create the folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
@@ -220,12 +222,31 @@ class Folder:
         cadence = self.clock() - self.saved_at >= self.save_every
         return self.save_every <= 0 or first or final or cadence
 
-    def write_checkpoints(self, last: dict) -> None:
+    def write_checkpoints(self, last: dict, background: bool = False) -> None:
         """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
-        last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
-        self.write_best()
-        save_checkpoint(last, self.out / "last.pth")
+        last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it.
+        In the `background` (one write at a time) from a copy of the state, while training goes on: most of
+        a large write is waiting for the disk."""
+        self.wait()
+        best, self.best = self.best, None
+        if background:
+            writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self.pending = writer.submit(self.write_both, best, snapshot(last))
+            writer.shutdown(wait=False)
+        else:
+            self.write_both(best, last)
         self.wrote(last["epoch"])
+
+    def write_both(self, best: dict | None, last: dict) -> None:
+        if best is not None:
+            save_checkpoint(best, self.out / "best.pth")
+        save_checkpoint(last, self.out / "last.pth")
+
+    def wait(self) -> None:
+        """Until a background write is on the disk (its error, if any, raised here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
 
     def wrote(self, epoch: int) -> None:
         """last.pth now holds `epoch`: the --save-every clock starts again."""
@@ -233,12 +254,25 @@ class Folder:
 
     def write_best(self) -> None:
         """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
+        self.wait()
         if self.best is not None:
             save_checkpoint(self.best, self.out / "best.pth")
             self.best = None
 
     def write_results(self, results: dict) -> None:
         atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
+
+
+def snapshot(value):
+    """A checkpoint state that later training steps cannot change: tensors copied to the CPU, containers
+    rebuilt (history rows included), immutable values shared."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return value
 
 
 def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor, table: ClassTable,

@@ -499,7 +499,8 @@ def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float,
     samples = val_samples(run) if metrics is not None and run.board is not None else None
     if run.folder.due(metrics is not None, final or measuring):
         writing = time.perf_counter()
-        samples = save(run, epoch, samples)
+        # A budget plans with what a write costs: it writes in the foreground, and the last write always is
+        samples = save(run, epoch, samples, background=budget is None and not final)
         if budget is not None:
             budget.measured(save=time.perf_counter() - writing)
     set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
@@ -508,18 +509,18 @@ def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float,
         log_board(run, row, samples)
 
 
-def save(run: Run, epoch: int, samples: tuple | None = None, draw: bool = True) -> tuple | None:
-    """Checkpoints, curves and (when `draw`: the weights are usable) the val samples: one complete folder.
-    Returns the samples drawn."""
+def save(run: Run, epoch: int, samples: tuple | None = None, background: bool = False) -> tuple:
+    """Checkpoints (in the `background` while training goes on), curves and the val samples: one complete
+    folder. Returns the samples drawn."""
     progress = run_folder.Progress(epoch, run.best_miou, run.history, run.done,
                                    run.loop.budget.state() if run.loop.budget else None)
     run.folder.write_checkpoints(run_folder.checkpoint_state(unwrap(run.model), run.optimizer, run.scheduler,
-                                                             run.scaler, progress, run.config(), run.table))
+                                                             run.scaler, progress, run.config(), run.table),
+                                 background)
     if run.history:
         run_folder.plot_curves(run.history, run.args.out / "curves.png")
-    if draw:
-        samples = samples or val_samples(run)
-        run_folder.write_samples(*samples, run.table, run.args.out / "val_samples.png")
+    samples = samples or val_samples(run)
+    run_folder.write_samples(*samples, run.table, run.args.out / "val_samples.png")
     return samples
 
 
@@ -1062,6 +1063,7 @@ def main(args: argparse.Namespace) -> None:
     finally:
         for loader in (run.train_loader, run.val_loader):
             stop_workers(loader)
+        run.folder.wait()  # a background checkpoint write is on the disk before the process ends
         if run.board is not None:
             run.board.close()
         if run.loop.dist.enabled:

@@ -46,6 +46,15 @@ def wait_for_step(process: subprocess.Popen, stderr: Path, epoch: int, timeout: 
     raise AssertionError(f"no progress in epoch {epoch} after {timeout}s:\n{stderr.read_text()}")
 
 
+def wait_for_file(path: Path, timeout: float = 60) -> None:
+    """Block until `path` exists (a checkpoint written in the background)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not written after {timeout}s")
+        time.sleep(0.05)
+
+
 def read_history(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))

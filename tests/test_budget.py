@@ -218,6 +218,21 @@ def test_a_budgeted_run_ends_in_time_annealed_with_a_complete_folder(data, tmp_p
     assert results["time_budget"]["spent"] <= seconds
 
 
+def test_a_budget_whose_checkpoint_write_outlasts_an_epoch_ends_completed_in_time(data, tmp_path):
+    """fc6/fc7 at 4096 on 64x96 crops: each checkpoint write (about 1.6 GB) takes longer than an epoch. A 60 s
+    budget still ends at its planned last step, validated and saved, lr 0, within the budget."""
+    out, started = tmp_path / "run", time.monotonic()
+    fx.run([sys.executable, *fx.train_args(data, out, "--recipe", "camvid", "--fc-width", "4096", "--limit", "4",
+                                           "--crop-size", "64", "96", "--time-budget", "60s")], timeout=180)
+    assert time.monotonic() - started <= 60 + 3
+    results = json.loads((out / "results.json").read_text())
+    assert results["completed"] and results["time_budget"]["spent"] <= 60
+    assert results["time_budget"]["costs"]["save"] > results["time_budget"]["costs"]["step"] * 2  # 2 steps an epoch
+    assert fx.load(out / "last.pth")["scheduler"]["last_epoch"] == results["time_budget"]["total"]
+    rows = fx.read_history(out / "history.csv")
+    assert float(rows[-1]["lr"]) == 0.0 and rows[-1]["val_miou"]
+
+
 def test_a_stopped_budgeted_run_resumes_on_its_plan(data, tmp_path, monkeypatch, capsys):
     """Budget ample for the 4 epochs --epochs allows: stopped in epoch 2 and resumed, it keeps the plan and
     ends with the weights and history of an uninterrupted 4-epoch run without a budget."""

@@ -2,8 +2,10 @@
 plus the samplers that shard training and validation across ranks."""
 from __future__ import annotations
 
+import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,54 @@ def test_sync_batch_norm_only_when_asked_and_then_ddp_leaves_the_buffers_to_it(d
     assert train.buffer_sync(True) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
     with pytest.raises(UserError, match="^--sync-bn: SyncBatchNorm runs on CUDA GPUs only"):
         train.setup(train.parse_args(fx.train_args(data, tmp_path / "run", "--sync-bn")[1:]))
+
+
+# train.py's entry point with rank 1's loss made NaN in epoch 2 (its weights stay finite): one rank diverges
+DIVERGING = """
+import math, sys
+sys.path.insert(0, {repo!r})
+import cfg, train
+real = train.accumulation_step
+
+def step(model, batches, optimizer, scaler, loss_fn, loop, epoch, index):
+    loss = real(model, batches, optimizer, scaler, loss_fn, loop, epoch, index)
+    return loss * math.nan if (loop.dist.rank, epoch) == (1, 2) else loss
+
+train.accumulation_step = step
+try:
+    train.main(train.parse_args())
+except train.TrainingDiverged as error:
+    cfg.fail(str(error), code=1)
+"""
+
+
+def test_a_rank_that_diverges_stops_every_rank_with_the_folder_complete(data: Path, tmp_path: Path):
+    """Rank 1 alone sees a NaN loss in epoch 2: the ranks agree on it at once, every one exits (a rank left
+    waiting for another would hang until the hard timeout fails the test) and rank 0 leaves a complete folder."""
+    script = tmp_path / "diverging_train.py"
+    script.write_text(DIVERGING.format(repo=str(fx.REPO)))
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = fx.run([*TORCHRUN, str(script), *fx.train_args(data, out, "--epochs", "3")[1:]], check=False, timeout=240)
+    assert result.returncode != 0 and time.monotonic() - started < 240
+    assert result.stderr.count("error: loss became NaN/inf in epoch 2") == 2, result.stderr  # both ranks, one line
+    for name in ("last.pth", "best.pth", "history.csv", "curves.png", "val_samples.png", "results.json"):
+        assert (out / name).is_file(), name
+    assert fx.load(out / "last.pth")["epoch"] == 1
+    results = json.loads((out / "results.json").read_text())
+    assert not results["completed"] and results["stopped_epoch"] == 2 and results["stop_reason"].startswith("diverged")
+
+
+def test_a_budget_under_torchrun_ends_completed_on_every_rank_without_a_hang(data: Path, tmp_path: Path):
+    """fc6/fc7 at 4096 on tiny crops: a checkpoint write (about 1.6 GB) outlasts an epoch. 2 gloo ranks, a 60 s
+    budget: rank 0's plan and deadline are every rank's, so all of them end, completed, within the budget
+    (a rank waiting for another would run into the hard timeout)."""
+    out = tmp_path / "run"
+    started = time.monotonic()
+    fx.run([*TORCHRUN, *fx.train_args(data, out, "--recipe", "camvid", "--fc-width", "4096", "--limit", "4",
+                                      "--crop-size", "64", "96", "--log-every", "50", "--time-budget", "60s")],
+           timeout=180)
+    assert time.monotonic() - started < 60 + 15  # torchrun's own start and exit on top of the budget
+    results = json.loads((out / "results.json").read_text())
+    assert results["completed"] and results["time_budget"]["spent"] <= 60
+    assert fx.load(out / "last.pth")["scheduler"]["last_epoch"] == results["time_budget"]["total"]

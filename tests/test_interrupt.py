@@ -115,6 +115,7 @@ def test_sigkill_in_epoch_two_then_resume(data: Path, reference: Path, tmp_path:
     assert "--save-every" not in command
     process, _, stderr = fx.start(command, tmp_path)
     fx.wait_for_step(process, stderr, epoch=2)
+    fx.wait_for_file(tmp_path / "run" / "last.pth")  # written in the background while epoch 2 trains
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
     saved = run_folder.load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated

@@ -87,22 +87,15 @@ def simulate(seconds: float, costs: Costs, seed: int = 0, max_epochs: int = 1000
     folder = Folder(Path("."), writes=False, save_every=save_every, clock=clock)
     folder.prepare([])
     step, epoch = 0, 1
+
+    def outcome(completed: bool, detail: str) -> Outcome:
+        return Outcome(clock.now / seconds, completed, epoch, len(budget.replans), schedule(step), detail, budget.cuts)
     while not (schedule.total is not None and step >= schedule.total):
-        budget.begin_epoch()
-        pace = costs.pace(epoch, rng)
-        for done in range(1, costs.steps + 1):  # train_one_epoch / between_steps
-            clock.now += pace
-            step += 1
-            budget.step_done()
-            total, stop = budget.in_epoch(step, epoch, done % log_every == 0)
-            if stop:
-                return Outcome(clock.now / seconds, False, epoch, len(budget.replans), schedule(step), "deadline")
-            follow(budget, schedule, total, step)
-            if schedule.total is not None and step >= schedule.total:
-                break
+        step, stopped = train_epoch(budget, schedule, clock, costs.pace(epoch, rng), step, epoch, costs.steps,
+                                    log_every)
         total, stop = budget.at_epoch_end(step, epoch)  # agree_at_epoch_end
-        if stop:
-            return Outcome(clock.now / seconds, False, epoch, len(budget.replans), schedule(step), "deadline")
+        if stopped or stop:
+            return outcome(False, "deadline in the measured epoch")
         follow(budget, schedule, total, step)
         final, measuring = schedule.total is not None and step >= schedule.total, not budget.planned
         validated = final or measuring or epoch % costs.eval_every == 0
@@ -117,14 +110,28 @@ def simulate(seconds: float, costs: Costs, seed: int = 0, max_epochs: int = 1000
             try:
                 follow(budget, schedule, budget.first_plan(step), step)
             except BudgetTooSmall as error:
-                return Outcome(clock.now / seconds, False, epoch, 0, schedule(step), str(error))
-        if final and not validated:
-            return Outcome(clock.now / seconds, False, epoch, len(budget.replans), schedule(step), "not validated")
+                return outcome(False, str(error))
         epoch += 1
+    epoch -= 1
     clock.now += exit_seconds
-    within = clock.now <= seconds
-    return Outcome(clock.now / seconds, within, epoch - 1, len(budget.replans), schedule(step),
-                   "" if within else "over the budget", budget.cuts)
+    return outcome(clock.now <= seconds, "" if clock.now <= seconds else "over the budget")
+
+
+def train_epoch(budget: Budget, schedule: Schedule, clock: Clock, pace: float, step: int, epoch: int, steps: int,
+                log_every: int) -> tuple[int, bool]:
+    """train_one_epoch and between_steps: the global step reached, and whether the run stopped."""
+    budget.begin_epoch()
+    for done in range(1, steps + 1):
+        clock.now += pace
+        step += 1
+        budget.step_done()
+        total, stop = budget.in_epoch(step, epoch, done % log_every == 0)
+        if stop:
+            return step, True
+        follow(budget, schedule, total, step)
+        if schedule.total is not None and step >= schedule.total:
+            break
+    return step, False
 
 
 def follow(budget: Budget, schedule: Schedule, total: int | None, step: int) -> None:
