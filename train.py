@@ -165,8 +165,13 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         # end the loop ends by itself (and the bar shows the whole epoch).
         if between_steps(loop, scheduler, loss_sum, done, epoch, bar) and (step < steps or loop.stop.stopping):
             break
-    done["loss_sum"] = loss_sum.item()
+    done["loss_sum"] = on_host(loss_sum)
     return not loop.stop.stopping
+
+
+def on_host(loss_sum: torch.Tensor) -> float:
+    """The epoch's loss sum as a number: the training loop's one host sync besides the --log-every steps."""
+    return loss_sum.item()
 
 
 def epoch_label(epoch: int, schedule: Schedule) -> str:
