@@ -179,8 +179,8 @@ SIM = budget_sim()
 def test_simulated_budgets_are_spent_and_met(costs):
     """The planner train.py drives, on a simulated clock: budgets of 10 to 30 minutes with CPU-like and GPU-like
     costs (an epoch of 2 s, validation 0.5 s, a 3 s checkpoint), steady, wandering +-20 % or drifting +30 %:
-    every run ends at its planned last step (the deadline never has to cut it), validated and saved, lr 0,
-    within the budget, using >= 97 % of it."""
+    every run ends at its planned last step (here the deadline never has to move it), validated and saved,
+    lr 0, within the budget, using >= 97 % of it."""
     for seconds in (600, 750, 1000, 1370, 1800):
         outcome = SIM.simulate(seconds, costs, seed=seconds)
         assert outcome.completed and outcome.final_lr == 0.0 and outcome.cuts == 0, (seconds, outcome)
