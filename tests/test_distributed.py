@@ -159,14 +159,26 @@ def test_a_rank_that_diverges_stops_every_rank_with_the_folder_complete(data: Pa
     assert not results["completed"] and results["stopped_epoch"] == 2 and results["stop_reason"].startswith("diverged")
 
 
+# train.py's entry point with slow checkpoint writes (rank 0 writes): 1.5 s more per file
+SLOW_WRITES = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import cfg, run_folder, train
+real = run_folder.save_checkpoint
+run_folder.save_checkpoint = lambda state, path: (time.sleep(1.5), real(state, path))
+cfg.run_script(lambda: train.main(train.parse_args()))
+"""
+
+
 def test_a_budget_under_torchrun_ends_completed_on_every_rank_without_a_hang(data: Path, tmp_path: Path):
-    """fc6/fc7 at 4096 on tiny crops: a checkpoint write (about 1.6 GB) outlasts an epoch. 2 gloo ranks, a 60 s
-    budget: rank 0's plan and deadline are every rank's, so all of them end, completed, within the budget
-    (a rank waiting for another would run into the hard timeout)."""
-    out = tmp_path / "run"
+    """2 gloo ranks, a checkpoint write (rank 0's, every epoch) longer than an epoch, a 60 s budget: rank 0's plan
+    and deadline are every rank's, so all of them end, completed, within the budget; a rank left waiting for
+    another would run into the hard timeout."""
+    script, out = tmp_path / "slow_writes_train.py", tmp_path / "run"
+    script.write_text(SLOW_WRITES.format(repo=str(fx.REPO)))
     started = time.monotonic()
-    fx.run([*TORCHRUN, *fx.train_args(data, out, "--recipe", "camvid", "--fc-width", "4096", "--limit", "4",
-                                      "--crop-size", "64", "96", "--log-every", "50", "--time-budget", "60s")],
+    fx.run([*TORCHRUN, str(script), *fx.train_args(data, out, "--epochs", "1000", "--schedule", "poly",
+                                                   "--save-every", "0", "--log-every", "2", "--time-budget", "60s")[1:]],
            timeout=180)
     assert time.monotonic() - started < 60 + 15  # torchrun's own start and exit on top of the budget
     results = json.loads((out / "results.json").read_text())
