@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
 import cfg
+import devices
 import inference
 import train
-import utils
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
                      label_cache_from_args, resolve_class_dict)
@@ -104,7 +104,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print 'error: bench.py: MESSAGE' and exit 2 (no usage block)."""
-        utils.fail(f"{self.prog}: {message}")
+        cfg.fail(f"{self.prog}: {message}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -158,7 +158,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
 def fast_mode(args: argparse.Namespace, device: torch.device) -> Mode:
     """The project's fast path as train.py sets it up on this device."""
     cuda = device.type == "cuda"
-    return Mode("fast", utils.amp_dtype(device, args.amp), args.channels_last, fused=cuda, cudnn_benchmark=cuda,
+    return Mode("fast", devices.amp_dtype(device, args.amp), args.channels_last, fused=cuda, cudnn_benchmark=cuda,
                 compile=args.compile)
 
 
@@ -450,8 +450,8 @@ def efficiency(train_tflops: float, matmul_tflops: float | None, gpu: str | None
 
 
 def device_name(device: torch.device) -> str:
-    """utils.device_name, plus on CPU the threads torch uses."""
-    name = utils.device_name(device)
+    """devices.device_name, plus on CPU the threads torch uses."""
+    name = devices.device_name(device)
     return name if device.type == "cuda" else f"{name}, torch uses {torch.get_num_threads()} threads"
 
 
@@ -469,7 +469,7 @@ def run_info(args: argparse.Namespace, plan: Plan, device: torch.device, modes: 
             # PyTorch's defaults, which "eager fp32" keeps: on Ampere+ cuDNN convolutions run in TF32
             "tf32_conv": tf32_flag(lambda: torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
             "tf32_matmul": tf32_flag(lambda: torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else None,
-            "precision": utils.precision_name(modes["fast"].amp)}
+            "precision": devices.precision_name(modes["fast"].amp)}
 
 
 def tf32_flag(read: Callable[[], bool]) -> bool | None:
@@ -618,7 +618,7 @@ def print_report(r: dict) -> None:
 
 def main(args: argparse.Namespace) -> dict:
     """Run every measurement, print the table and the JSON line; returns the JSON object."""
-    device = utils.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     plan = make_plan(args, device)
     check_data_root(args.data_root)
     if args.json and not args.json.parent.is_dir():
@@ -691,4 +691,4 @@ def bench_onnx(plan: Plan, modes: dict[str, Mode], device: torch.device, table: 
 
 
 if __name__ == "__main__":
-    utils.run_script(lambda: main(get_args_parser().parse_args()))
+    cfg.run_script(lambda: main(get_args_parser().parse_args()))

@@ -1,30 +1,30 @@
-"""`train.py --time-budget`: the learning-rate schedule, and how many epochs fit in the time a run is given.
+"""`train.py --time-budget`: the learning-rate schedule, and how many optimizer steps fit in the time a run is given.
 
 A budgeted run trains its first epoch as the measurement (warm-up rate, then validation and a checkpoint),
-then fixes the epoch count that fits the time left and re-plans the rest of the schedule from that step on,
-so warm-up and decay still complete at the run's last step (Li, Yumer & Ramanan, "Budgeted Training",
-ICLR 2020: a schedule that decays to zero at the budget beats a longer one cut short)."""
+then plans its last optimizer step from what that epoch cost. It plans again after every epoch from the
+latest costs, and within the epoch where the plan ends at every --log-every step, so epochs that run faster
+or slower than the first are absorbed; the last epoch may end part-way. Every plan lays the rest of the
+schedule out from the rate reached to 0 at the new last step (Li, Yumer & Ramanan, "Budgeted Training",
+ICLR 2020: a schedule that decays to zero at the budget beats a longer one cut short).
+
+The Budget reads time only through its clock, so tools/budget_sim.py and tests/test_budget.py drive the code
+train.py drives with simulated costs."""
 from __future__ import annotations
 
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
-import torch
-
-import run_folder
 from cfg import UserError
-
-if TYPE_CHECKING:
-    from train import Run
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
 WARMUP_SHARE = 10  # a budgeted run's warm-up takes at most 1/10 of its epochs (but 2 when it had 2 or more)
+GUESSED_WRITE = 0.05  # share of the budget kept for the first checkpoint write and validation, until measured
 
 
 def parse_duration(text: str) -> float:
@@ -36,12 +36,14 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Seconds as the shortest of 45s / 12.5m / 1.5h, rounded up so it is never less than the value."""
+    """Seconds as the shortest of 45s / 12.5m / 1.5h / 2.5d, rounded up so it is never less than the value."""
     if seconds < 120:
         return f"{math.ceil(seconds)}s"
     if seconds < 2 * 3600:
         return f"{math.ceil(seconds / 6) / 10:g}m"
-    return f"{math.ceil(seconds / 360) / 10:g}h"
+    if seconds < 48 * 3600:
+        return f"{math.ceil(seconds / 360) / 10:g}h"
+    return f"{math.ceil(seconds / 8640) / 10:g}d"
 
 
 def process_age() -> float:
@@ -56,13 +58,13 @@ def process_age() -> float:
 
 @dataclass
 class Schedule:
-    """The lr factor of each optimizer step (LambdaLR's lambda): linear warm-up, then poly (power 0.9) to 0 at
-    the last step, or step decay (x gamma every step_size epochs).
+    """The lr factor of each optimizer step (LambdaLR's lambda): a linear ramp to 1 at `warm_end`, then poly
+    (power 0.9) from `decay_from` at `decay_start` to 0 at `total`, or step decay (x gamma every step_size
+    epochs). Plainly that is a warm-up of warmup_epochs from 0 and a decay from 1 to 0 at the last epoch's end.
 
-    A budgeted run starts provisional (`replanned_at` past every step): the warm-up of `provisional_warmup`
-    epochs, then a constant rate. replan() fixes the epoch count at the step it is called; from there the
-    warm-up ramps on without a jump to the end of `warmup_epochs` and the decay ends at the last step.
-    Plain fields only: LambdaLR saves them in its state_dict, so last.pth keeps the plan."""
+    A budgeted run starts provisional (`total` None: the warm-up, then a constant rate); replan() sets the last
+    step and re-anchors the ramp or the decay at the rate reached, so the lr never jumps. Plain fields only:
+    LambdaLR saves them in its state_dict, so last.pth keeps the plan."""
 
     kind: str
     steps_per_epoch: int
@@ -70,168 +72,231 @@ class Schedule:
     warmup_epochs: int
     gamma: float = 0.5
     step_size: int = 50
-    provisional_warmup: int = 0
-    replanned_at: int = 0
+    total: int | None = -1  # the last step (-1: epochs x steps_per_epoch; None: not planned yet)
+    ramp_start: int = 0  # the ramp runs from ramp_from, the factor before this step, to 1 at warm_end
+    ramp_from: float = 0.0
+    warm_end: int = -1  # -1: warmup_epochs x steps_per_epoch
+    decay_start: int = -1  # -1: warm_end
+    decay_from: float = 1.0
 
-    @classmethod
-    def provisional(cls, kind: str, steps_per_epoch: int, max_epochs: int, warmup_epochs: int, gamma: float,
-                    step_size: int) -> "Schedule":
-        """A budgeted run's schedule before its epoch count is known."""
-        return cls(kind, steps_per_epoch, max_epochs, warmup_epochs, gamma, step_size, warmup_epochs,
-                   max_epochs * steps_per_epoch + 1)
-
-    def ramp(self, steps: int) -> float:
-        """The provisional warm-up's factor after `steps` steps."""
-        return min(1.0, steps / (self.provisional_warmup * self.steps_per_epoch)) if self.provisional_warmup else 1.0
+    def __post_init__(self) -> None:
+        if self.total == -1:
+            self.total = self.epochs * self.steps_per_epoch
+        if self.warm_end == -1:
+            self.warm_end = self.warmup_epochs * self.steps_per_epoch
+        if self.decay_start == -1:
+            self.decay_start = self.warm_end
 
     def __call__(self, step: int) -> float:
-        per_epoch, replanned = self.steps_per_epoch, self.replanned_at
-        if step < replanned:  # before the epoch count was known (budgeted runs only)
-            return self.ramp(step + 1)
-        warm_end = max(self.warmup_epochs * per_epoch, replanned)
-        if step < warm_end:
-            start = self.ramp(replanned) if replanned else 0.0
-            return start + (1 - start) * (step + 1 - replanned) / (warm_end - replanned)
-        if self.kind == "poly":
-            return max(0.0, 1 - (step - warm_end) / max(1, self.epochs * per_epoch - warm_end)) ** 0.9
-        return self.gamma ** (step // (self.step_size * per_epoch))
+        if step < self.warm_end:
+            return self.ramp_from + (1 - self.ramp_from) * (step + 1 - self.ramp_start) / (self.warm_end - self.ramp_start)
+        if self.kind == "step":
+            return self.gamma ** (step // (self.step_size * self.steps_per_epoch))
+        if self.total is None or self.total <= self.decay_start:  # provisional, or no step left to decay
+            return self.decay_from
+        if step >= self.total:
+            return 0.0
+        return self.decay_from * (1 - (step - self.decay_start) / (self.total - self.decay_start)) ** 0.9
 
-    def replan(self, epochs: int, step: int) -> None:
-        """Fix the epoch count at `step`; a warm-up of 2 or more epochs shrinks to about 1/10 of them (at least 2,
-        so the ramp goes on from where the measured epoch left it, and fewer than `epochs`)."""
-        if self.warmup_epochs >= 2:
-            self.warmup_epochs = max(1, min(self.warmup_epochs, max(2, epochs // WARMUP_SHARE), epochs - 1))
-        self.epochs, self.replanned_at = epochs, step
+    def replan(self, total: int, step: int) -> None:
+        """End at `total` from `step` on. The first plan shrinks a warm-up of 2 or more epochs to about a tenth of
+        the planned epochs (at least 2, fewer than the run); a ramp under way goes on from the factor it reached,
+        a decay from the factor of `step` (for poly an unchanged end keeps every factor)."""
+        epochs = max(1, math.ceil(total / self.steps_per_epoch))
+        warm_end = self.warm_end
+        if self.total is None:  # the first plan
+            if self.warmup_epochs >= 2:
+                self.warmup_epochs = max(1, min(self.warmup_epochs, max(2, epochs // WARMUP_SHARE), epochs - 1))
+            warm_end = self.warmup_epochs * self.steps_per_epoch
+        warm_end = min(warm_end, total - 1)
+        if step < warm_end:
+            self.ramp_from, self.ramp_start = self(step - 1) if step else 0.0, step
+            self.warm_end, self.decay_start, self.decay_from = warm_end, warm_end, 1.0
+        else:  # an end at `step` itself: the rate is 0 from there
+            self.decay_from, self.decay_start = self(step) if total > step else 0.0, step
+            self.warm_end = min(self.warm_end, step)
+        self.total, self.epochs = total, epochs
 
 
 @dataclass
-class EpochCost:
-    """The steady cost of one epoch as measured on the first: training, one validation, one checkpoint write."""
+class Costs:
+    """What the run has measured: seconds per optimizer step (steady, of the latest epoch), one validation,
+    one checkpoint write (last.pth, a pending best.pth, the plots)."""
 
-    train: float
+    step: float
     val: float
     save: float
 
 
 @dataclass
 class Budget:
-    """A run's time budget: when it ends, what the first epoch cost, and the epoch count chosen from that."""
+    """A run's time budget and its plan: the last optimizer step that fits, re-planned as costs come in.
+
+    One reserve rule serves the plan and the deadline: the margin, one checkpoint write, and a validation
+    when one is due. Rank 0 owns the Budget's decisions under torchrun; train.py shares them."""
 
     seconds: float
-    started: float  # time.monotonic() at the process start
+    steps_per_epoch: int
+    max_steps: int  # --epochs x steps per epoch: no plan goes past it
+    eval_every: int = 1
+    save_every: float = 300.0
+    clock: Callable[[], float] = time.monotonic
+    started: float = 0.0  # clock() at the process start
     spent_before: float = 0.0  # seconds spent by the runs this one resumes
-    epochs: int | None = None  # chosen after the first epoch
-    cost: EpochCost | None = None
+    total: int | None = None  # the planned last step; None until the measured epoch has ended
+    costs: Costs | None = None
+    replans: list[list[int]] = field(default_factory=list)  # [step, total] of every plan that moved the end
+    epoch_started: float = 0.0
+    epoch_steps: int = 0  # optimizer steps this process ran in the epoch under way
+    first_step_end: float | None = None  # the process's first step: what came before it is one-off
+    saved_at: float = 0.0  # clock() of the last checkpoint write
+    cuts: int = 0  # times the deadline, not a plan, ended the run: steps ran slower than planned
 
     @classmethod
-    def start(cls, seconds: float, saved: dict | None = None) -> "Budget":
-        """The clock starts with the process; a resumed run counts the time its predecessors spent."""
-        budget = cls(seconds, time.monotonic() - process_age())
+    def start(cls, seconds: float, steps_per_epoch: int, max_steps: int, eval_every: int, save_every: float,
+              saved: dict | None = None, clock: Callable[[], float] = time.monotonic,
+              age: Callable[[], float] | None = None) -> "Budget":
+        """The clock starts with the process (`age`: seconds since it started); a resumed run counts the time its
+        predecessors spent and keeps their plan and costs."""
+        now = clock()
+        started = now - (age or process_age)()
+        budget = cls(seconds, steps_per_epoch, max_steps, eval_every, save_every, clock, started, saved_at=now)
         if saved:
-            budget.spent_before, budget.epochs = saved["spent"], saved["epochs"]
-            budget.cost = EpochCost(**saved["cost"]) if saved.get("cost") else None
+            budget.spent_before, budget.total = saved["spent"], saved.get("total")
+            budget.costs = Costs(**saved["costs"]) if saved.get("costs") else None
+            budget.replans = [list(pair) for pair in saved.get("replans", [])]
+            budget.cuts = saved.get("deadline_cuts", 0)
         return budget
 
     def spent(self) -> float:
-        return self.spent_before + time.monotonic() - self.started
+        return self.spent_before + self.clock() - self.started
 
     def left(self) -> float:
         return self.seconds - self.spent()
 
     def margin(self) -> float:
-        """Kept free at the end: process exit and timing noise."""
-        return max(1.0, 0.02 * self.seconds)
+        """Kept free at the end: the process's exit and timing noise."""
+        return max(1.0, 0.01 * self.seconds)
 
-    def stop_reserve(self) -> float:
-        """What a clean stop needs before the deadline: a checkpoint write (a guess until one was timed)."""
-        return self.margin() + (1.5 * self.cost.save if self.cost else 0.05 * self.seconds)
+    def reserve(self, validate: bool) -> float:
+        """What the end of a run needs: the margin, a checkpoint write and, when one is due, a validation."""
+        if self.costs is None:
+            return self.margin() + GUESSED_WRITE * self.seconds
+        return self.margin() + self.costs.save + (self.costs.val if validate else 0.0)
 
-    def must_stop(self) -> bool:
-        """True once only a clean stop still fits."""
-        return self.left() < self.stop_reserve()
+    @property
+    def planned(self) -> bool:
+        return self.total is not None
+
+    # ------------------------------------------------------------ measuring
+    def begin_epoch(self) -> None:
+        self.epoch_started, self.epoch_steps = self.clock(), 0
+
+    def step_done(self) -> None:
+        self.epoch_steps += 1
+        if self.first_step_end is None:
+            self.first_step_end = self.clock()
+
+    def step_seconds(self) -> float | None:
+        """Seconds per step in the epoch under way: after this process's first step when that lies in it
+        (start-up, kernel selection and warm-up are one-off), else over all its steps so far."""
+        if self.first_step_end is not None and self.first_step_end > self.epoch_started and self.epoch_steps >= 2:
+            return (self.clock() - self.first_step_end) / (self.epoch_steps - 1)
+        if self.epoch_steps == 0 or self.first_step_end > self.epoch_started:
+            return None
+        return (self.clock() - self.epoch_started) / self.epoch_steps
+
+    def measured(self, step: float | None = None, val: float | None = None, save: float | None = None) -> None:
+        """Take the latest costs; a checkpoint write also restarts the --save-every clock."""
+        costs = self.costs or Costs(0.0, 0.0, 0.0)
+        self.costs = Costs(step if step is not None else costs.step, val if val is not None else costs.val,
+                           save if save is not None else costs.save)
+        if save is not None:
+            self.saved_at = self.clock()
+
+    # ------------------------------------------------------------ planning
+    def needed(self, step: int, more: int, pending: bool) -> float:
+        """Seconds that `more` steps from `step` take with the validations and checkpoint writes of the epoch
+        ends among them; `pending`: the epoch end at `step` is still to come. The run's last validation and
+        write are the reserve's."""
+        if more <= 0:
+            return 0.0
+        per_epoch, every = self.steps_per_epoch, self.eval_every
+        first = step // per_epoch + (0 if pending else 1)  # the next epoch end
+        last = math.ceil((step + more) / per_epoch) - 1  # the last epoch end before the final one
+        ends = max(0, last - first + 1)
+        validations = last // every - (first - 1) // every if ends else 0
+        work = more * self.costs.step + validations * self.costs.val
+        if self.save_every <= 0:
+            saves = ends
+        else:
+            saves = min(ends, int((self.clock() - self.saved_at + work) // self.save_every))
+        return work + saves * self.costs.save
+
+    def fit(self, step: int, pending: bool) -> int:
+        """The last step that fits: the most steps after `step` (up to max_steps) whose time, plus the reserve
+        for the final validation and write, is what the budget has left."""
+        available = self.left() - self.reserve(validate=True)
+        low, high = 0, max(0, self.max_steps - step)
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.needed(step, middle, pending) <= available:
+                low = middle
+            else:
+                high = middle - 1
+        return step + low
+
+    def follow(self, total: int, step: int) -> bool:
+        """Take a plan (rank 0's, on every rank); True when it moved the end."""
+        if total == self.total:
+            return False
+        self.total = total
+        self.replans.append([step, total])
+        return True
+
+    def first_plan(self, step: int) -> int:
+        """After the measured epoch: the last step that fits; less than one more epoch is a BudgetTooSmall
+        naming the smallest budget that would do."""
+        total = self.fit(step, pending=False)
+        if total - step >= min(self.steps_per_epoch, self.max_steps - step) > 0:
+            return total
+        one_more = self.needed(step, self.steps_per_epoch, False) + self.reserve(validate=True) - self.margin()
+        needed = self.spent() + one_more
+        smallest = max(needed / 0.99, needed + 1.0)  # the inverse of margin()
+        raise BudgetTooSmall(f"--time-budget {format_duration(self.seconds)}: too short for a second epoch "
+                             f"(the first took {self.spent():.0f} s with start-up, one more needs ~{one_more:.0f} s); "
+                             f"the smallest budget that works here is about {format_duration(smallest)}")
+
+    def in_epoch(self, step: int, epoch: int, replan: bool, wait: int = 0) -> tuple[int | None, bool]:
+        """Rank 0 at an agreement point after optimizer step `step`: the planned last step and whether to stop.
+        In the epoch where the plan ends, at the --log-every steps (`replan`), the end is planned again from
+        this epoch's pace; once only the reserve is left (before the next agreement, `wait` steps away) the
+        end moves to this step. Before the first plan only a stop is possible: the measured epoch did not fit."""
+        if not self.planned:
+            return None, self.left() < self.reserve(validate=True)
+        total, rate = self.total, self.step_seconds()
+        if replan and rate is not None and step < total <= epoch * self.steps_per_epoch:
+            self.measured(step=rate)
+            total = self.fit(step, pending=False)
+        if step < total and self.left() < self.reserve(validate=True) + wait * self.costs.step:
+            total, self.cuts = step, self.cuts + 1
+        return total, False
+
+    def at_epoch_end(self, step: int, epoch: int) -> tuple[int | None, bool]:
+        """Rank 0 when an epoch's training ends, before its validation: the planned last step (planned again
+        from this epoch's pace) and whether to stop (the measured epoch did not fit its validation and write)."""
+        rate = self.step_seconds()
+        if rate is not None:
+            self.measured(step=rate)
+        if not self.planned:
+            return None, self.left() < self.reserve(validate=True)
+        return (self.fit(step, pending=True) if step < self.total else self.total), False
 
     def state(self) -> dict:
-        """What last.pth keeps: the choice and the time spent, so --resume continues the same schedule."""
-        return {"seconds": self.seconds, "spent": self.spent(), "epochs": self.epochs,
-                "cost": asdict(self.cost) if self.cost else None}
-
-
-def time_needed(epochs: int, cost: EpochCost, eval_every: int, save_every: float, first: int = 2) -> float:
-    """Seconds that epochs first..first+epochs-1 take: training, validation at the cadence and always at
-    the last, checkpoints at the --save-every cadence and always at the end."""
-    last = first + epochs - 1
-    validations = last // eval_every - (first - 1) // eval_every + (last % eval_every != 0)
-    work = epochs * cost.train + validations * cost.val
-    saves = epochs if save_every <= 0 else math.floor(work / save_every) + 1
-    return work + saves * cost.save
-
-
-def choose_epochs(budget: Budget, cost: EpochCost, eval_every: int, save_every: float, max_epochs: int) -> int:
-    """The most epochs (the measured one included, at most max_epochs) whose remaining ones fit in what the
-    budget has left; fewer than 2 is a BudgetTooSmall naming the smallest budget that would do."""
-    available = budget.left() - budget.margin()
-    more = 0
-    while 1 + more < max_epochs and time_needed(more + 1, cost, eval_every, save_every) <= available:
-        more += 1
-    if more == 0:  # the measured epoch alone never ends a schedule
-        one_more = time_needed(1, cost, eval_every, save_every)
-        needed = budget.spent() + one_more
-        smallest = max(needed / 0.98, needed + 1.0)  # the inverse of margin()
-        raise BudgetTooSmall(f"--time-budget {format_duration(budget.seconds)}: too short for a second epoch "
-                             f"(the first took {budget.spent():.0f} s with start-up, one more needs ~{one_more:.0f} s); "
-                             f"the smallest budget that works here is about {format_duration(smallest)}")
-    return 1 + more
-
-
-# ---------------------------------------------------------------- the bookkeeping of a budgeted run
-
-def steady_train_seconds(run: Run, started: float, ended: float, steps: int) -> float:
-    """An epoch's training time without the one-off start-up: the steps after this process's first one,
-    scaled to the whole epoch (the whole time when the epoch had a single step)."""
-    first = run.loop.first_step_end
-    if first is None or first <= started or steps < 2:
-        return ended - started
-    return (ended - first) * run.schedule.steps_per_epoch / (steps - 1)
-
-
-def plan(run: Run, cost: EpochCost) -> None:
-    """Fix the epoch count from the measured epoch (rank 0 decides, every rank follows), re-plan the schedule
-    from this step on, and say so in one line."""
-    args, budget = run.args, run.budget
-    epochs, too_small = 0, None
-    if run.loop.dist.is_main:
-        try:
-            epochs = choose_epochs(budget, cost, args.eval_every, args.save_every, args.epochs)
-        except BudgetTooSmall as error:
-            too_small = error
-    if run.loop.dist.enabled:  # every rank takes rank 0's choice, or its refusal (0)
-        choice = torch.full((1,), epochs, device=run.loop.device, dtype=torch.int64)
-        torch.distributed.broadcast(choice, src=0)
-        epochs = int(choice.item())
-    if epochs == 0:
-        if run.loop.dist.is_main:
-            run_folder.write_results(run, str(too_small), run.history[-1]["epoch"])
-        raise too_small or BudgetTooSmall("--time-budget: too short for a second epoch (rank 0 names the budget)")
-    budget.epochs, budget.cost = epochs, cost
-    run.schedule.replan(epochs, run.scheduler.last_epoch)
-    args.epochs, args.warmup_epochs = epochs, run.schedule.warmup_epochs
-    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):  # the next step's rate, re-planned
-        group["lr"] = base * run.schedule(run.scheduler.last_epoch)
-    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
-    if run.loop.dist.is_main:
-        per_epoch = time_needed(epochs - 1, cost, args.eval_every, args.save_every) / (epochs - 1)
-        print(f"time budget {format_duration(budget.seconds)}: {epochs} epochs of ~{per_epoch:.1f} s "
-              f"(train {cost.train:.1f} s, val {cost.val:.1f} s every {args.eval_every}, checkpoint {cost.save:.1f} s; "
-              f"{budget.spent():.0f} s spent), warm-up {run.schedule.warmup_epochs}")
-
-
-def out_of_time_for_validation(run: Run) -> bool:
-    """Whether the deadline leaves no room to validate this epoch and save: then stop cleanly instead."""
-    budget = run.budget
-    if budget is None or budget.cost is None or not budget.left() < budget.cost.val + budget.stop_reserve():
-        return False
-    run.loop.stop.request("time budget")
-    return True
+        """What last.pth and results.json keep: the plan, its re-plans, the costs and the time spent."""
+        return {"seconds": self.seconds, "spent": round(self.spent(), 1), "total": self.total,
+                "costs": {k: round(v, 3) for k, v in asdict(self.costs).items()} if self.costs else None,
+                "replans": [list(pair) for pair in self.replans], "deadline_cuts": self.cuts}
 
 
 class BudgetTooSmall(UserError):

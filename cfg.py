@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parent
 IGNORE_INDEX = 255  # label value for void/unlabelled pixels: excluded from loss and metrics
@@ -48,3 +50,17 @@ class UserError(Exception):
         # Recover the worker's own message so `--workers N` prints the line `--workers 0` prints.
         match = WORKER_WRAPPER.fullmatch(message)
         super().__init__(match.group(2).strip() if match else message)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line and exit non-zero."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """A script's entry point: a UserError (bad flag, file or data) becomes one `error: ...` line and exit 2."""
+    try:
+        main()
+    except UserError as error:
+        fail(str(error))

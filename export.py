@@ -12,7 +12,7 @@ import torch
 import cfg
 import inference
 import onnx_backend
-import utils
+import run_folder
 from cfg import UserError
 from dataset import ClassTable, normalize_batch, read_image
 from fcn import FCN
@@ -58,7 +58,7 @@ def require_export_modules(exporter: str) -> None:
 
 def checked_table(state: dict, class_dict: str | None, weights: Path) -> ClassTable:
     """The checkpoint's class table, or --class-dict with the same class names."""
-    return utils.trained_table(utils.saved_table(state), class_dict, cfg.DEFAULT_CLASS_DICT, weights)
+    return inference.trained_table(inference.saved_table(state), class_dict, cfg.DEFAULT_CLASS_DICT, weights)
 
 
 def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float) -> dict[str, str]:
@@ -178,16 +178,16 @@ def main(args: argparse.Namespace) -> Path:
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: expected a file name in an existing folder")
     require_export_modules(args.exporter)
-    state = utils.load_checkpoint(args.weights)
+    state = run_folder.load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict, args.weights)
-    model = utils.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
+    model = inference.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
     downscale = inference.parse_downscale(inference.trained_downscale(state), args.weights)
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.
-    utils.atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
+    run_folder.atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
     print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}, {args.exporter} exporter)")
     return out
 
 
 if __name__ == "__main__":
-    utils.run_script(lambda: main(get_args_parser().parse_args()))
+    cfg.run_script(lambda: main(get_args_parser().parse_args()))

@@ -1,5 +1,6 @@
-"""The one inference path of the project: load a model, run batches (AMP, channels-last, --scale, TTA),
-evaluate a split. Used by test.py and predict.py so evaluation and prediction never disagree."""
+"""The one inference path of the project: load a trained model and its class table, run batches (AMP,
+channels-last, --scale, TTA), evaluate a split. Used by test.py, predict.py, export.py, bench.py and train.py's
+validation, so evaluation and prediction never disagree."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,10 +13,12 @@ from torch import nn
 from tqdm import tqdm
 
 import cfg
-import utils
+import devices
 from cfg import UserError
 from dataset import ClassTable, normalize_batch
 from evalution_segmentaion import ConfusionMatrix
+from fcn import FCN, FCNConfig, upgrade_state_dict
+from run_folder import load_checkpoint
 
 
 class Trained(NamedTuple):
@@ -35,16 +38,16 @@ class Trained(NamedTuple):
 def load_model(weights: str | Path, class_dict: str | Path | None, device: torch.device,
                fallback: str | Path = cfg.DEFAULT_CLASS_DICT) -> Trained:
     """A .pth checkpoint or an exported .onnx model (on the device, in eval mode), the class table it was
-    trained with (--class-dict only overrides its colours, see utils.trained_table) and its training scale."""
+    trained with (--class-dict only overrides its colours, see trained_table) and its training scale."""
     if Path(weights).suffix.lower() == ".onnx":
         import onnx_backend  # onnxruntime is an optional install (requirements-export.txt)
         model = onnx_backend.load_onnx(weights, None, device)
-        table = utils.trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
+        table = trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
         onnx_backend.check_classes(model, table, weights)
         return Trained(model, table, parse_downscale(model.metadata.get("downscale", 1.0), weights))
-    state = utils.load_checkpoint(weights)
-    table = utils.trained_table(utils.saved_table(state), class_dict, fallback, weights)
-    model = utils.model_from_checkpoint(state, table, weights).to(device).eval()
+    state = load_checkpoint(weights)
+    table = trained_table(saved_table(state), class_dict, fallback, weights)
+    model = model_from_checkpoint(state, table, weights).to(device).eval()
     return Trained(model, table, parse_downscale(trained_downscale(state), weights))
 
 
@@ -62,6 +65,37 @@ def parse_downscale(value: object, source: str | Path) -> float:
     if not downscale > 0:
         raise UserError(f"{source}: training downscale {value!r} is not a positive number")
     return downscale
+
+
+def saved_table(state: dict) -> dict | None:
+    """The class table a checkpoint (or an ONNX model's metadata) carries; older checkpoints only the names."""
+    if "class_table" in state:
+        return state["class_table"]
+    return {"names": list(state["class_names"])} if state.get("class_names") else None
+
+
+def trained_table(saved: dict | None, class_dict: str | Path | None, fallback: str | Path, source: str | Path) -> ClassTable:
+    """The class table of a trained model: its own (`saved`), or --class-dict, which may only override it with
+    the same class names (other colours); `fallback` serves a model that carries no colours."""
+    if class_dict is None and saved is not None and "colors" in saved:
+        return ClassTable.from_dict(saved)
+    table = ClassTable.from_csv(class_dict or fallback)
+    if saved is not None and tuple(saved["names"]) != table.names:
+        flag = f"--class-dict {class_dict}" if class_dict else f"{fallback} (pass --class-dict)"
+        raise UserError(f"{flag}: classes {', '.join(table.names)} differ from the {len(saved['names'])} that "
+                        f"{source} was trained on: {', '.join(saved['names'])}")
+    return table
+
+
+def model_from_checkpoint(state: dict, table: ClassTable, source: str | Path) -> FCN:
+    """Rebuild the network the checkpoint describes and check it fits the class table."""
+    config = FCNConfig(**state["config"]["model"])
+    if config.num_classes != table.num_classes:
+        raise UserError(f"{source}: checkpoint predicts {config.num_classes} classes but the class table "
+                        f"has {table.num_classes}")
+    model = FCN(config)
+    model.load_state_dict(upgrade_state_dict(state["model"]))
+    return model
 
 
 @dataclass(frozen=True)
@@ -132,7 +166,7 @@ class Runner:
             images = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False, antialias=factor < 1)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with utils.autocast(self.device, self.amp):
+        with devices.autocast(self.device, self.amp):
             logits = self.model(images)
         logits = logits.float()
         if factor != 1.0:

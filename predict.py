@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cfg
+import devices
 import inference
+import run_folder
 from cfg import UserError
 from dataset import ClassTable, colorize, read_image
-import utils
 
 # Video containers predict.py streams with PyAV: extension -> muxer of the output.
 VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".avi": "avi", ".mkv": "matroska", ".webm": "webm"}
@@ -159,7 +160,7 @@ def paint(image: np.ndarray, labels: np.ndarray, table: ClassTable, overlay: boo
 def save_png(array: np.ndarray, path: Path) -> None:
     """One PNG, written atomically (a stopped run never leaves a truncated mask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    utils.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    run_folder.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def write_image_outputs(image: torch.Tensor, labels: np.ndarray, files: list[Path], table: ClassTable,
@@ -230,7 +231,7 @@ def predict_video(source: Path, target: Path, runner: inference.Runner, table: C
             stream = container.streams.video[0]
             target.parent.mkdir(parents=True, exist_ok=True)
             counted: list[int] = []
-            utils.atomic_write(target, lambda tmp: counted.append(
+            run_folder.atomic_write(target, lambda tmp: counted.append(
                 encode_video(av, container, stream, tmp, target, runner, table, args)))
             return counted[0]
     except (av.error.FFmpegError, IndexError) as exc:  # IndexError: a file without a video stream
@@ -297,13 +298,13 @@ def main(args: argparse.Namespace) -> int:
     check_outputs(jobs, args)
     if any(is_video(source) for source, _ in jobs):
         import_av()  # fail before the model loads
-    device = utils.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     trained = inference.load_model(args.weights, args.class_dict, device)
     model, table = trained.model, trained.table
     if args.format != "color" and table.num_classes > 256:
         raise UserError(f"--format {args.format}: 8-bit index PNGs hold at most 256 classes, the table has "
                         f"{table.num_classes}")
-    runner = inference.Runner(model, device, utils.amp_dtype(device, args.amp), args.channels_last,
+    runner = inference.Runner(model, device, devices.amp_dtype(device, args.amp), args.channels_last,
                               trained.input_scale(scale=args.scale), inference.parse_tta(args.tta))
     print(f"model input: {runner.scale:g}x each image's size ("
           + ("--scale)" if args.scale is not None else "the scale the checkpoint was trained at)"))
@@ -322,4 +323,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    utils.run_script(lambda: main(get_args_parser().parse_args()))
+    cfg.run_script(lambda: main(get_args_parser().parse_args()))

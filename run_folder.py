@@ -1,41 +1,161 @@
-"""A training run's folder: checkpoints and their cadence, history, plots, results.json and the resume checks.
+"""Everything a training run writes, and reads back on --resume: atomic files, checkpoints and their cadence,
+history.csv, the plots, results.json, and the checks that a folder may be written or resumed.
 
-Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) the folder holds
-last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
-results.json that says whether the run completed and, if not, why and where it stopped."""
+Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) train.py leaves the folder
+with last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
+results.json that says whether the run completed and, if not, why and where it stopped. Nothing here knows
+train.py: it takes the pieces it writes."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import sys
+import os
+import pickle
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
-import inference
-import utils
 from cfg import UserError
-from dataset import CamVidDataset, ClassTable
+from dataset import ClassTable, colorize
 
-if TYPE_CHECKING:
-    from train import Run
-
-
-def run_config(run: Run) -> dict:
-    """The resolved configuration: the model's and every training flag (paths as strings)."""
-    return {"model": utils.unwrap(run.model).config.to_dict(),
-            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run.args).items()}}
+# What a run leaves in its folder: a folder holding any of them holds a run.
+RUN_FILES = ("last.pth", "best.pth", "history.csv", "results.json", "curves.png", "val_samples.png")
 
 
-def checkpoint_state(run: Run, epoch: int) -> dict:
-    """Everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
-    return {"model": utils.unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "best_miou": run.best_miou, "config": run_config(run), "history": run.history,
-            "partial_epoch": dict(run.done), "budget": run.budget.state() if run.budget else None,
-            **class_entries(run.table)}
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, flush it to the disk, rename it into place and flush
+    the folder: a kill, a crash or a power loss leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(temporary)
+        fsync(temporary)
+        os.replace(temporary, path)
+        fsync(path.parent)  # the rename itself is an entry of the folder
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data from the page cache to the disk."""
+    if path.is_dir() and os.name != "posix":  # only POSIX opens folders
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save a checkpoint dict atomically: a crash never leaves a truncated file."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint on the CPU with weights_only=True; a missing or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # torch's own message advises weights_only=False: arbitrary code execution, and wrong for a damaged file
+        raise UserError(f"{path}: not a checkpoint written by this project, or damaged (truncated?)") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")
+    return state
+
+
+def write_history(rows: list[dict], path: str | Path) -> None:
+    """history.csv from the rows kept in the checkpoint, so the two never disagree."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            columns = dict.fromkeys(key for row in rows for key in row)  # rows of older runs may lack some
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+    if rows:
+        atomic_write(path, write)
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> None:
+    """Loss and validation metric curves per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    validated = [row for row in rows if row["val_miou"] is not None]  # --eval-every skips some epochs
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], label="train")
+    loss_axis.plot([row["epoch"] for row in validated], [row["val_loss"] for row in validated], label="val")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    for key, label in (("val_miou", "MIoU"), ("val_pa", "PA"), ("val_mpa", "MPA")):
+        metric_axis.plot([row["epoch"] for row in validated], [row[key] for row in validated], label=label)
+    metric_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    for axis in (loss_axis, metric_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    plt.close(figure)
+
+
+def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor, table: ClassTable) -> Image.Image:
+    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels)."""
+    rows = []
+    for image, target, predicted in zip(images.cpu(), truth.cpu().numpy(), prediction.cpu().numpy()):
+        rows.append(np.concatenate([image.permute(1, 2, 0).numpy(), colorize(target, table),
+                                    colorize(predicted, table)], axis=1))
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
+    """results.json of a run: the best val epoch's metrics (null before the first validation) and how the
+    run was made. wall_s sums the epochs' own time, start-up excluded."""
+    validated = [row for row in history if row["val_miou"] is not None]
+    best = max(validated, key=lambda row: row["val_miou"]) if validated else {}
+    train = config.get("train", {})
+    return {"split": "val", "miou": best.get("val_miou"), "pixel_accuracy": best.get("val_pa"),
+            "mean_pixel_accuracy": best.get("val_mpa"),
+            "iou": {key[len("iou_"):]: value for key, value in best.items() if key.startswith("iou_")},
+            "best_epoch": best.get("epoch"), "device": device, "epochs": history[-1]["epoch"] if history else 0,
+            "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
+            "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def run_config(model_config: dict, args: argparse.Namespace, world_size: int) -> dict:
+    """The resolved configuration: the model's, every training flag (paths as strings) and the process count."""
+    return {"model": model_config, "world_size": world_size,
+            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+
+@dataclass
+class Progress:
+    """How far a run got, besides its weights and optimiser: what last.pth records for --resume."""
+
+    epoch: int  # completed epochs
+    best_miou: float
+    history: list[dict]
+    partial: dict  # the epoch in progress: optimizer steps, loss sum and count, training seconds
+    budget: dict | None = None  # --time-budget's plan and the time spent
+
+
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
+                     progress: Progress, config: dict, table: ClassTable) -> dict:
+    """last.pth: everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": progress.epoch, "best_miou": progress.best_miou,
+            "config": config, "history": progress.history, "partial_epoch": dict(progress.partial),
+            "budget": progress.budget, **class_entries(table)}
 
 
 def class_entries(table: ClassTable) -> dict:
@@ -43,12 +163,13 @@ def class_entries(table: ClassTable) -> dict:
     return {"class_names": list(table.names), "class_table": table.to_dict()}
 
 
-def best_state(run: Run, epoch: int, metrics: dict) -> dict:
+def best_state(model: torch.nn.Module, config: dict, epoch: int, metrics: dict, precision: str,
+               table: ClassTable) -> dict:
     """best.pth: only what test.py, predict.py and --init-from read. The weights are copied on the device
     (cheap) because the file is written later, at the checkpoint cadence."""
-    weights = {k: v.detach().clone() for k, v in utils.unwrap(run.model).state_dict().items()}
-    return {"model": weights, "config": run_config(run), "metrics": metrics, "epoch": epoch,
-            "precision": utils.precision_name(run.loop.amp), **class_entries(run.table)}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"model": weights, "config": config, "metrics": metrics, "epoch": epoch, "precision": precision,
+            **class_entries(table)}
 
 
 def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
@@ -69,87 +190,122 @@ def set_times(row: dict, train: float, val: float, other: float) -> None:
     row["seconds"] = round(train + val + other, 3)
 
 
-def prepare(run: Run) -> None:
-    """Create the run folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
-    run.saved_at = time.perf_counter()
-    if not run.loop.dist.is_main:
-        return
-    run.args.out.mkdir(parents=True, exist_ok=True)
-    if run.history:  # epochs after the last checkpoint are redone: the csv must not list them twice
-        utils.write_history(run.history, run.args.out / "history.csv")
-    for stale in run.args.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
-        stale.unlink(missing_ok=True)
+@dataclass
+class Folder:
+    """A run folder and its checkpoint cadence. Under torchrun every rank keeps one; rank 0's writes."""
+
+    out: Path
+    writes: bool = True  # rank 0
+    save_every: float = 300.0  # --save-every
+    clock: Callable[[], float] = time.perf_counter
+    saved_at: float = 0.0  # clock() of the last checkpoint write
+    saved_epoch: int = 0  # the epoch last.pth holds (0: none written by this process)
+    checkpointed: bool = False  # last.pth exists (written, or resumed from)
+    best: dict | None = None  # best.pth's state, waiting for the next checkpoint write
+    pending: Future | None = None  # a checkpoint write under way in the background
+
+    def prepare(self, history: list[dict]) -> None:
+        """Create the folder; after a kill, rewrite history.csv from last.pth and drop stale temporaries."""
+        self.saved_at = self.clock()
+        if not self.writes:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if history:  # epochs after the last checkpoint are redone: the csv must not list them twice
+            write_history(history, self.out / "history.csv")
+        for stale in self.out.glob(".*.tmp*"):  # temporaries of atomic writes cut short by a kill
+            stale.unlink(missing_ok=True)
+
+    def due(self, validated: bool, final: bool) -> bool:
+        """Whether this epoch writes the checkpoints: the first validated one (so a crash early on leaves a
+        best.pth to test and a last.pth to resume), the last, and then every --save-every seconds."""
+        first = validated and not self.checkpointed
+        cadence = self.clock() - self.saved_at >= self.save_every
+        return self.save_every <= 0 or first or final or cadence
+
+    def write_checkpoints(self, last: dict, background: bool = False) -> None:
+        """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
+        last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it.
+        In the `background` (one write at a time) from a copy of the state, while training goes on: most of
+        a large write is waiting for the disk."""
+        self.wait()
+        best, self.best = self.best, None
+        if background:
+            writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self.pending = writer.submit(self.write_both, best, snapshot(last))
+            writer.shutdown(wait=False)
+        else:
+            self.write_both(best, last)
+        self.wrote(last["epoch"])
+
+    def write_both(self, best: dict | None, last: dict) -> None:
+        if best is not None:
+            save_checkpoint(best, self.out / "best.pth")
+        save_checkpoint(last, self.out / "last.pth")
+
+    def wait(self) -> None:
+        """Until a background write is on the disk (its error, if any, raised here)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def wrote(self, epoch: int) -> None:
+        """last.pth now holds `epoch`: the --save-every clock starts again."""
+        self.saved_at, self.checkpointed, self.saved_epoch = self.clock(), True, epoch
+
+    def write_best(self) -> None:
+        """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
+        self.wait()
+        if self.best is not None:
+            save_checkpoint(self.best, self.out / "best.pth")
+            self.best = None
+
+    def write_results(self, results: dict) -> None:
+        atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
 
 
-def due(run: Run, epoch: int, validated: bool) -> bool:
-    """Whether this epoch writes the checkpoints: the first validated one always (so a crash early on leaves
-    a best.pth to test and a last.pth to resume), the last, and then every --save-every seconds."""
-    first = validated and not run.checkpointed
-    cadence = time.perf_counter() - run.saved_at >= run.args.save_every
-    return run.args.save_every <= 0 or first or epoch == run.args.epochs or cadence
+def snapshot(value):
+    """A checkpoint state that later training steps cannot change: tensors copied to the CPU, containers
+    rebuilt (history rows included), immutable values shared."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(item) for item in value)
+    return value
 
 
-def save(run: Run, epoch: int, samples: bool = True) -> None:
-    """Checkpoints, curves and (unless the weights are unusable) the val samples: one complete folder."""
-    save_checkpoints(run, epoch)
-    write_plots(run, samples)
+def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor, table: ClassTable,
+                  path: Path) -> None:
+    """val_samples.png: a few val images with truth and prediction side by side."""
+    grid = sample_grid(images, labels, prediction, table)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def write_plots(run: Run, samples: bool = True) -> None:
-    """curves.png from the history so far, val_samples.png from the model as it is."""
-    if run.history:
-        utils.plot_curves(run.history, run.args.out / "curves.png")
-    if samples:
-        save_val_samples(utils.unwrap(run.model), run.val_loader.dataset, run.table, run.loop,
-                         run.args.out / "val_samples.png")
+def holds_a_run(out: Path) -> list[str]:
+    """The run files a folder already holds (none: a new run may start there)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def save_checkpoints(run: Run, epoch: int) -> None:
-    """Write a pending best.pth, then last.pth (atomically). In this order a kill between the two leaves
-    last.pth behind best.pth: --resume redoes those epochs and finds that best again, never loses it."""
-    save_best(run)
-    utils.save_checkpoint(checkpoint_state(run, epoch), run.args.out / "last.pth")
-    run.saved_at, run.checkpointed, run.saved_epoch = time.perf_counter(), True, epoch
-
-
-def save_best(run: Run) -> None:
-    """Write best.pth if a better validated epoch is waiting for the next checkpoint write."""
-    if run.best is not None:
-        utils.save_checkpoint(run.best, run.args.out / "best.pth")
-        run.best = None
-
-
-def save_val_samples(model: torch.nn.Module, dataset: CamVidDataset, table: ClassTable, loop, path: Path) -> None:
-    """A few val images with truth and prediction side by side."""
-    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
-    images, labels = zip(*(dataset[i] for i in picks))
-    images, labels = torch.stack(images), torch.stack(labels)
-    model.eval()
-    prediction = inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
-    grid = utils.sample_grid(images, labels, prediction, table)
-    utils.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
-def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
-    """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
-    command = "python train.py " + " ".join(sys.argv[1:])
-    results = utils.run_results(run.history, run_config(run), utils.device_name(run.loop.device), command)
-    results.update(completed=stopped is None, precision=utils.precision_name(run.loop.amp))
-    if stopped is not None:
-        results.update(stop_reason=stopped, stopped_epoch=epoch)
-    if run.budget is not None:
-        results["time_budget"] = {"seconds": run.budget.seconds, "spent": round(run.budget.spent(), 1),
-                                  "epochs": run.budget.epochs}
-    utils.atomic_write(run.args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
-
-
-def check_out(out: Path) -> None:
-    """--out must be a folder (or not exist yet)."""
+def check_out(out: Path, resume: bool) -> None:
+    """--out must be a folder, and a new run never writes into one that holds another run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; name a folder for the run")
+    found = holds_a_run(out) if not resume and out.is_dir() else []
+    if found:
+        raise UserError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                        f"or start a new one with another --out (e.g. --out {fresh_folder(out)})")
 
 
-def load_resume(args: argparse.Namespace) -> dict:
+def fresh_folder(out: Path) -> Path:
+    """The first of OUT-2, OUT-3, ... that holds no run."""
+    number = 2
+    while holds_a_run(out.with_name(f"{out.name}-{number}")):
+        number += 1
+    return out.with_name(f"{out.name}-{number}")
+
+
+def load_resume(args: argparse.Namespace, world_size: int) -> dict:
     """last.pth of the run folder, or one line saying what happened and what to run instead."""
     path = args.out / "last.pth"
     if not args.out.is_dir():
@@ -157,15 +313,25 @@ def load_resume(args: argparse.Namespace) -> dict:
     if not path.is_file():
         raise UserError(f"--resume: {path} does not exist: the run in {args.out} stopped before it saved a "
                         f"checkpoint (its first validated epoch); start it again without --resume")
-    state = utils.load_checkpoint(path)
-    check_resume(args, state["config"].get("train", {}), path)
+    state = load_checkpoint(path)
+    check_resume(args, state["config"], path, world_size)
     return state
 
 
-def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
-    """Refuse a --resume whose flags would silently change what last.pth means: the samples per optimizer
-    step (they define the schedule's length and the position inside an epoch) and the backbone's lr factor
-    (it shapes the optimizer's groups and their base lr)."""
+# Flags whose change --resume would otherwise ignore or mis-apply (the optimiser and LambdaLR restore their own)
+KEPT_ON_RESUME = ("optimizer", "lr", "weight_decay", "momentum", "schedule", "backbone_lr_mult")
+
+
+def check_resume(args: argparse.Namespace, config: dict, path: Path, world_size: int) -> None:
+    """Refuse, in one line, a --resume whose flags would silently change what last.pth means: the process
+    count and the samples per optimizer step (they define the schedule's length and the position inside an
+    epoch), and the optimiser's settings that the saved state would override."""
+    saved = config.get("train", {})
+    saved_world = config.get("world_size", world_size)  # older checkpoints did not record it
+    if saved_world != world_size:
+        raise UserError(f"--resume: {path} was trained by {saved_world} process(es), this run has {world_size}: "
+                        f"resume with {saved_world} (torchrun --nproc_per_node), or start a new run from its "
+                        f"weights with --init-from {path} and another --out")
     batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
     images = batch * accum
     if args.batch_size * args.accum_steps != images:
@@ -173,37 +339,12 @@ def check_resume(args: argparse.Namespace, saved: dict, path: Path) -> None:
         raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
                         f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
                         f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
-    mult = saved.get("backbone_lr_mult", 1.0)
-    if args.backbone_lr_mult != mult:
-        raise UserError(f"--resume: {path} was trained with --backbone-lr-mult {mult}, this run asks for "
-                        f"{args.backbone_lr_mult}: resume with {mult}, or start a new run with --init-from")
-
-
-def diverged(run: Run, epoch: int, error: Exception) -> None:
-    """NaN/inf loss: keep the last good last.pth, write a pending better best.pth, curves, samples of the
-    last good weights and results.json (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    good = run.best["model"] if run.best is not None else None
-    save_best(run)
-    if good is None and (run.args.out / "best.pth").is_file():
-        good = utils.load_checkpoint(run.args.out / "best.pth")["model"]
-    try:
-        if good is not None:
-            utils.unwrap(run.model).load_state_dict(good)
-    except RuntimeError:  # a best.pth of another model left in the folder: no samples rather than wrong ones
-        good = None
-    write_plots(run, samples=good is not None)
-    write_results(run, f"diverged: {error}", epoch)
-
-
-def finish(run: Run) -> None:
-    """The last epoch's checkpoint and results.json of a completed run (rank 0)."""
-    if not run.loop.dist.is_main:
-        return
-    if run.start_epoch > run.args.epochs:
-        print(f"{run.args.out / 'last.pth'} already has {run.start_epoch - 1} epochs; raise --epochs to train more")
-    elif run.history:
-        if run.saved_epoch != run.history[-1]["epoch"]:  # a budget fixed the count after the last epoch's check
-            save(run, run.history[-1]["epoch"])
-        write_results(run)
+    for name in KEPT_ON_RESUME:
+        if name == "momentum" and args.optimizer != "sgd":
+            continue  # Adam has no momentum: the flag means nothing there
+        was, now = saved.get(name, getattr(args, name)), getattr(args, name)
+        if was != now:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"--resume: {path} was trained with {flag} {was}, this run asks for {now}: resume "
+                            f"with {flag} {was}, or start a new run from its weights with --init-from {path} "
+                            f"and another --out")

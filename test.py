@@ -11,12 +11,13 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 import cfg
+import devices
+import inference
+import run_folder
 from cfg import UserError
 from dataset import (CamVidDataset, add_label_cache_args, check_data_root, label_cache_from_args,
                      resolve_class_dict)
-import inference
 from transforms import eval_transform
-import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "camvid-cpu model on 360x480 labels")
     add("--batch-size", type=int, default=4, help="images per forward pass")
     add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
-    add("--workers", type=int, default=utils.default_workers(), help="data loader processes (see train.py --help)")
+    add("--workers", type=int, default=devices.default_workers(), help="data loader processes (see train.py --help)")
     add("--amp", action=argparse.BooleanOptionalAction, default=True,
         help="mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
@@ -67,10 +68,10 @@ def write_report(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     counts = metrics["confusion"].numpy()
     frame = pd.DataFrame(counts, index=pd.Index(names, name="truth \\ predicted"), columns=list(names))
-    utils.atomic_write(folder / "confusion.csv", lambda tmp: frame.to_csv(tmp))
+    run_folder.atomic_write(folder / "confusion.csv", lambda tmp: frame.to_csv(tmp))
     per_class = pd.DataFrame({"IoU": metrics["iou"], "accuracy": metrics["class_accuracy"],
                               "pixels": counts.sum(1)}, index=pd.Index(names, name="class"))
-    utils.atomic_write(folder / "per_class.csv", lambda tmp: per_class.to_csv(tmp))
+    run_folder.atomic_write(folder / "per_class.csv", lambda tmp: per_class.to_csv(tmp))
     plot_confusion(counts, names, folder / "confusion.png")
 
 
@@ -92,7 +93,7 @@ def plot_confusion(counts: np.ndarray, names: tuple[str, ...], path: Path) -> No
                   color="white" if value > 0.5 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    run_folder.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -140,7 +141,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--downscale: expected a positive factor, got {args.downscale}")
     tta = inference.parse_tta(args.tta)
     check_data_root(args.data_root)
-    device = utils.resolve_device(args.device)
+    device = devices.resolve_device(args.device)
     trained = inference.load_model(args.weights, args.class_dict, device, resolve_class_dict(args.data_root))
     model, table = trained.model, trained.table
     transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
@@ -148,10 +149,10 @@ def main(args: argparse.Namespace) -> dict:
                             label_cache=label_cache_from_args(args))
     scoring = scoring_of(trained, dataset, args)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
-    amp = utils.amp_dtype(device, args.amp)
+    amp = devices.amp_dtype(device, args.amp)
     metrics = inference.evaluate(model, loader, table.num_classes, device, amp, args.channels_last, tta,
                                  scoring.scale, progress=True)
-    metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else utils.precision_name(amp)
+    metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else devices.precision_name(amp)
     print(scoring.describe(args.split, len(dataset), args.crop) + (f", TTA {args.tta}" if tta.enabled else "")
           + f", {metrics['precision']}")
     print(report(metrics, table.names))
@@ -159,9 +160,9 @@ def main(args: argparse.Namespace) -> dict:
         write_report(args.report, metrics, table.names)
     if args.json:
         result = json_result(metrics, table.names, args, len(dataset), scoring)
-        utils.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        run_folder.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return metrics
 
 
 if __name__ == "__main__":
-    utils.run_script(lambda: main(get_args_parser().parse_args()))
+    cfg.run_script(lambda: main(get_args_parser().parse_args()))

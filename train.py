@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import inspect
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,18 +23,18 @@ from tqdm import tqdm
 
 import budget as time_budget
 import cfg
+import devices
 import inference
 import run_folder
-from budget import Budget, BudgetTooSmall, EpochCost, Schedule
+from budget import Budget, BudgetTooSmall, Schedule, format_duration
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
                      check_data_root, label_cache_from_args, normalize_batch,
                      resolve_class_dict)
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, check_pretrainable, load_pretrained, upgrade_state_dict
-from transforms import eval_transform, train_transform
-import utils
+from devices import unwrap, wrappers
 from run_folder import set_times
-from utils import unwrap, wrappers
+from transforms import eval_transform, train_transform
 
 # `--recipe camvid`: the defaults chosen for CamVid (issue 4); explicit flags still win.
 RECIPES = {
@@ -48,21 +51,42 @@ class TrainingDiverged(Exception):
 
 
 @dataclass
+class Pace:
+    """This process's training pace from its first optimizer step on (what came before is one-off), and the
+    whole-run estimate it gives once, after the first few steps."""
+
+    first_step_end: float | None = None
+    steps: int = 0
+    tell: Callable[[float], None] | None = None  # prints the estimate from the seconds per step (rank 0)
+
+    def step_done(self) -> None:
+        self.steps += 1
+        if self.first_step_end is None:
+            self.first_step_end = time.perf_counter()
+
+    def maybe_tell(self) -> None:
+        """At a host sync (the clock then means something on a GPU too): the estimate, once 3 steps are timed."""
+        if self.tell is not None and self.steps >= 4:
+            self.tell((time.perf_counter() - self.first_step_end) / (self.steps - 1))
+            self.tell = None
+
+
+@dataclass
 class Loop:
     """What the train/eval loops need to know besides the model and data."""
 
     device: torch.device
     amp: torch.dtype | None
     channels_last: bool
-    dist: utils.DistInfo = field(default_factory=utils.DistInfo)
-    stop: utils.StopFlag = field(default_factory=utils.StopFlag)
+    dist: devices.DistInfo = field(default_factory=devices.DistInfo)
+    stop: devices.StopFlag = field(default_factory=devices.StopFlag)
     log_every: int = 10
     clip_grad: float = 0.0
     seed: int = 0
     compile: bool = False  # the model is torch.compile'd: mark the batch dimension dynamic
     accum_steps: int = 1  # batches per optimizer step
-    budget: Budget | None = None  # --time-budget: stop cleanly when only a checkpoint write still fits
-    first_step_end: float | None = None  # perf_counter() after this process's first optimizer step
+    budget: Budget | None = None  # --time-budget: rank 0 plans, every rank follows the agreed plan
+    pace: Pace = field(default_factory=Pace)
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +145,15 @@ def nonzero(denominator: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     scheduler, scaler: torch.amp.GradScaler, loss_fn: nn.Module, loop: Loop,
                     epoch: int, done: dict) -> bool:
-    """One pass over the loader, an optimizer step per --accum-steps batches; `done` carries the optimizer
-    steps, loss_sum and count (also across a resume). Returns False when a stop signal cut the epoch short."""
+    """One pass over the loader, an optimizer step per --accum-steps batches, ending early at the schedule's
+    last step; `done` carries the optimizer steps, loss_sum and count (also across a resume). Returns False
+    when the ranks agreed to stop (a signal, or a budget whose measured epoch did not fit)."""
     model.train()
     loss_sum = torch.full((), done["loss_sum"], device=loop.device, dtype=torch.float64)  # no host sync
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not loop.dist.is_main, dynamic_ncols=True)
-    for group in batch_groups(bar, loop.accum_steps):
+    bar = tqdm(loader, desc=epoch_label(epoch, scheduler.lr_lambdas[0]), disable=not loop.dist.is_main,
+               dynamic_ncols=True)
+    steps = math.ceil(len(loader) / loop.accum_steps)  # left in this epoch
+    for step, group in enumerate(batch_groups(bar, loop.accum_steps), 1):
         batches = [to_device(images, labels, loop) for images, labels in group]
         loss = accumulation_step(model, batches, optimizer, scaler, loss_fn, loop, epoch, done["steps"])
         scheduler.step()
@@ -134,21 +161,76 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss_sum += loss.double() * images_in_step
         done["steps"] += 1
         done["count"] += images_in_step
-        if loop.first_step_end is None:  # what came before (workers, autotuning, compilation) is one-off
-            loop.first_step_end = time.perf_counter()
-        if loop.budget is not None and loop.budget.must_stop():
-            loop.stop.request("time budget")
-        if done["steps"] % loop.log_every == 0:  # with the stop agreement below, the only host sync
-            check_finite(loss_sum, epoch, done["steps"])
-            bar.set_postfix(loss=f"{loss_sum.item() / done['count']:.4f}")
-        # Stops fall between optimizer steps only: no half-accumulated gradient is ever lost
-        if loop.stop.agreed(loop.device, loop.dist, done["steps"], loop.log_every):
+        # Stops fall between optimizer steps only: no half-accumulated gradient is ever lost. At the loader's
+        # end the loop ends by itself (and the bar shows the whole epoch).
+        if between_steps(loop, scheduler, loss_sum, done, epoch, bar) and (step < steps or loop.stop.stopping):
             break
-    else:  # a signal since the last agreement: step 0 makes every rank compare flags once more
-        loop.stop.agreed(loop.device, loop.dist, 0)
-    check_finite(loss_sum, epoch, done["steps"])
-    done["loss_sum"] = loss_sum.item()
+    done["loss_sum"] = on_host(loss_sum)
     return not loop.stop.stopping
+
+
+def on_host(loss_sum: torch.Tensor) -> float:
+    """The epoch's loss sum as a number: the training loop's one host sync besides the --log-every steps."""
+    return loss_sum.item()
+
+
+def epoch_label(epoch: int, schedule: Schedule) -> str:
+    """'epoch 5/109' (the planned count; none while a budget measures its first epoch)."""
+    return f"epoch {epoch}/{schedule.epochs}" if schedule.total is not None else f"epoch {epoch}"
+
+
+def between_steps(loop: Loop, scheduler, loss_sum: torch.Tensor, done: dict, epoch: int, bar) -> bool:
+    """After an optimizer step: at every --log-every steps check and show the loss (the loop's only host sync);
+    at the agreement points (every step in one process, every --log-every steps under torchrun) take the ranks'
+    one decision: a stop, a divergence, rank 0's plan. True: this epoch's training ends here."""
+    step, logging = scheduler.last_epoch, done["steps"] % loop.log_every == 0
+    loop.pace.step_done()
+    if loop.budget is not None:
+        loop.budget.step_done()
+    if loop.dist.enabled and not logging:
+        return False
+    finite = True
+    if logging:
+        loss = loss_sum.item()
+        finite = math.isfinite(loss)
+        bar.set_postfix(loss=f"{loss / done['count']:.4f}")
+        loop.pace.maybe_tell()
+    total = scheduler.lr_lambdas[0].total
+    if loop.budget is not None and loop.dist.is_main:
+        total, deadline = loop.budget.in_epoch(step, epoch, logging, loop.log_every if loop.dist.enabled else 0)
+        if deadline:
+            loop.stop.request("time budget")
+    (stops, nonfinite), (total,) = devices.agree(loop.device, loop.dist, [loop.stop.requested, not finite],
+                                                 [end_code(total)])
+    if nonfinite:
+        raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch} by step {done['steps']}")
+    if loop.stop.agreed(stops > 0):
+        return True
+    follow_plan(loop, scheduler, step, total)
+    return at_end(scheduler)
+
+
+def end_code(total: int | None) -> float:
+    """A planned last step as a number every rank can sum (-1: not planned yet)."""
+    return -1.0 if total is None else float(total)
+
+
+def follow_plan(loop: Loop, scheduler, step: int, code: float) -> None:
+    """Take the agreed last step (rank 0's plan): the budget records it, the schedule re-plans from `step`,
+    and the next step runs at the re-planned rate."""
+    if loop.budget is None or code < 0 or not loop.budget.follow(int(code), step):
+        return
+    schedule = scheduler.lr_lambdas[0]
+    schedule.replan(int(code), step)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def at_end(scheduler) -> bool:
+    """Whether the schedule's last step is done (never while a budget measures its first epoch)."""
+    total = scheduler.lr_lambdas[0].total
+    return total is not None and scheduler.last_epoch >= total
 
 
 def batch_groups(batches: Iterable, size: int) -> Iterator[list]:
@@ -188,7 +270,7 @@ def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scale
     if loop.compile:  # compile for any batch size at once: the last, smaller batch must not recompile
         torch._dynamo.maybe_mark_dynamic(images, 0)
     with gradient_sync(model, sync):
-        with utils.autocast(loop.device, loop.amp):
+        with devices.autocast(loop.device, loop.amp):
             logits = model(images)
         loss = loss_fn.total(logits.float(), labels) / denominator  # the loss in fp32, whatever autocast ran
         scaler.scale(loss).backward()
@@ -228,11 +310,6 @@ def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
     return int(key.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-    if not math.isfinite(loss_sum.item()):
-        raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch} by step {step}")
-
-
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, loop: Loop) -> dict:
     """Val metrics through the project's one inference path, the one test.py scores with: a confusion matrix
     over the whole split, the mean per-pixel loss."""
@@ -254,7 +331,7 @@ def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Pa
     present = frequency > 0
     weights = torch.where(present, frequency[present].median() / frequency.clamp(min=1e-12), torch.zeros(()))
     if cache is not None:  # atomic: other ranks may read it while rank 0 writes
-        utils.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
+        run_folder.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
     return weights.float()
 
 
@@ -292,9 +369,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
 def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR over a budget.Schedule (scheduler.lr_lambdas[0]): linear warm-up, then poly or step
-    decay; with --time-budget provisional until the measured epoch fixes the epoch count."""
-    plan = (Schedule.provisional if args.time_budget else Schedule)(
-        args.schedule, steps_per_epoch, args.epochs, args.warmup_epochs, args.gamma, args.step_size)
+    decay; with --time-budget provisional until the measured epoch plans the last step."""
+    plan = Schedule(args.schedule, steps_per_epoch, args.epochs, args.warmup_epochs, args.gamma, args.step_size,
+                    total=None if args.time_budget else -1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)
 
 
@@ -310,7 +387,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
         train_set.preload()
         val_set.preload()
     common = dict(num_workers=args.workers, pin_memory=args.pin_memory and loop.device.type == "cuda",
-                  persistent_workers=args.workers > 0, worker_init_fn=utils.ignore_stop_signals)
+                  persistent_workers=args.workers > 0, worker_init_fn=devices.ignore_stop_signals)
     train_sampler = SeededSampler(train_set, loop.dist.world_size, loop.dist.rank, shuffle=True, seed=args.seed)
     train_loader = DataLoader(train_set, args.batch_size, sampler=train_sampler, **common)
     val_sampler = ShardSampler(len(val_set), loop.dist.world_size, loop.dist.rank)
@@ -321,7 +398,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
 def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | None) -> FCN:
     """A fresh model from the flags (plus --pretrained / --init-from), or the resumed checkpoint's."""
     if resumed is not None:
-        return utils.model_from_checkpoint(resumed, table, args.out / "last.pth")
+        return inference.model_from_checkpoint(resumed, table, args.out / "last.pth")
     config = FCNConfig(args.model, args.backbone, table.num_classes, args.fc_width)
     if args.pretrained:
         check_pretrainable(config)  # before building a large model or downloading anything
@@ -336,7 +413,7 @@ def build_model(args: argparse.Namespace, table: ClassTable, resumed: dict | Non
 def init_from(model: FCN, path: str, table: ClassTable) -> None:
     """Load every layer of a checkpoint whose tensors all fit (another variant or class set); the rest keeps
     its fresh initialisation (zero scoring layers, bilinear upsamplers). One line names what was not loaded."""
-    state = utils.load_checkpoint(path)
+    state = run_folder.load_checkpoint(path)
     source, target = upgrade_state_dict(state["model"]), model.state_dict()
     layers: dict[str, list[str]] = {}
     for key in target:
@@ -373,57 +450,86 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     loop: Loop
+    folder: run_folder.Folder
     start_epoch: int = 1
     best_miou: float = -1.0
     history: list[dict] = field(default_factory=list)
     done: dict = field(default_factory=fresh_progress)
-    best: dict | None = None  # best.pth's state, waiting for the next checkpoint write
-    saved_at: float = 0.0  # time.perf_counter() of the last checkpoint write
-    checkpointed: bool = False  # last.pth has been written (or resumed from)
-    saved_epoch: int = 0  # the epoch last.pth holds
-    budget: Budget | None = None  # --time-budget
+    board: object | None = None  # --tensorboard's SummaryWriter (rank 0)
 
     @property
     def schedule(self) -> Schedule:
         return self.scheduler.lr_lambdas[0]
 
+    def config(self) -> dict:
+        """The configuration checkpoints and results.json record."""
+        return run_folder.run_config(unwrap(self.model).config.to_dict(), self.args, self.loop.dist.world_size)
 
-def validate(run: Run, epoch: int) -> dict | None:
-    """Val metrics every --eval-every epochs, at the last epoch and at a budget's measured epoch; None between."""
-    measuring = run.budget is not None and run.budget.epochs is None
-    if epoch % run.args.eval_every and epoch != run.args.epochs and not measuring:
-        return None
+
+def val_samples(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to 3 val images spread over the split, their labels and the model's prediction."""
+    dataset, model, loop = run.val_loader.dataset, unwrap(run.model), run.loop
+    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
+    images, labels = zip(*(dataset[i] for i in picks))
+    images, labels = torch.stack(images), torch.stack(labels)
+    model.eval()
+    return images, labels, inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
+
+
+def validate(run: Run) -> dict:
+    """Val metrics of the model every rank holds."""
     sync_buffers(unwrap(run.model), run.loop.dist)
     # Eager and without DDP: no gradients to synchronise, and no second compiled graph (eval mode) to build.
     return evaluate(unwrap(run.model), run.val_loader, run.table.num_classes, run.loop)
 
 
-def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float) -> float:
-    """Log every epoch; checkpoint, plot and draw samples when run_folder.due says so. best.pth is judged on
-    validated epochs only; rank 0 alone writes files. Returns the seconds the checkpoint write took (or 0)."""
-    started, main = time.perf_counter(), run.loop.dist.is_main
+def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float, final: bool) -> None:
+    """Log every epoch; checkpoint, plot and draw samples when the folder's cadence says so (always at the last
+    epoch and at a budget's measured one, whose write it times). best.pth is judged on validated epochs only;
+    rank 0 alone writes files."""
+    started, main, budget = time.perf_counter(), run.loop.dist.is_main, run.loop.budget
     train_loss = run.done["loss_sum"] / max(1, run.done["count"])
     row = run_folder.history_row(epoch, run.optimizer.param_groups[0]["lr"], train_loss, metrics, run.table.names)
     run.history.append(row)
     if metrics is not None and metrics["miou"] > run.best_miou:
         run.best_miou = metrics["miou"]
-        run.best = run_folder.best_state(run, epoch, metrics) if main else None
+        run.folder.best = (run_folder.best_state(unwrap(run.model), run.config(), epoch, metrics,
+                                                 devices.precision_name(run.loop.amp), run.table) if main else None)
     train_seconds, run.done = run.done["train_seconds"], fresh_progress()
     if not main:
-        return 0.0
-    val = (f"val_loss {row['val_loss']:.4f} PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} "
-           f"MIoU {row['val_miou']:.4f}") if metrics else "(not validated)"
-    print(f"epoch {epoch}: train_loss {train_loss:.4f} {val} ({train_seconds + val_seconds:.1f}s)")
-    saved = 0.0
-    if run_folder.due(run, epoch, metrics is not None):
-        run_folder.save(run, epoch)
-        saved = time.perf_counter() - started
+        return
+    print(epoch_line(run, epoch, row, train_seconds + val_seconds))
+    set_times(row, train_seconds, val_seconds, time.perf_counter() - started)  # last.pth holds them too
+    measuring = budget is not None and not budget.planned
+    samples = val_samples(run) if metrics is not None and run.board is not None else None
+    if run.folder.due(metrics is not None, final or measuring):
+        writing = time.perf_counter()
+        # A budget plans with what a write costs: it writes in the foreground, and the last write always is
+        samples = save(run, epoch, samples, background=budget is None and not final)
+        if budget is not None:
+            budget.measured(save=time.perf_counter() - writing)
     set_times(row, train_seconds, val_seconds, time.perf_counter() - started)
-    utils.write_history(run.history, run.args.out / "history.csv")  # small: every epoch
-    return saved
+    run_folder.write_history(run.history, run.args.out / "history.csv")  # small: every epoch
+    if run.board is not None:
+        log_board(run, row, samples)
 
 
-def sync_buffers(model: nn.Module, dist_info: utils.DistInfo) -> None:
+def save(run: Run, epoch: int, samples: tuple | None = None, background: bool = False) -> tuple:
+    """Checkpoints (in the `background` while training goes on), curves and the val samples: one complete
+    folder. Returns the samples drawn."""
+    progress = run_folder.Progress(epoch, run.best_miou, run.history, run.done,
+                                   run.loop.budget.state() if run.loop.budget else None)
+    run.folder.write_checkpoints(run_folder.checkpoint_state(unwrap(run.model), run.optimizer, run.scheduler,
+                                                             run.scaler, progress, run.config(), run.table),
+                                 background)
+    if run.history:
+        run_folder.plot_curves(run.history, run.args.out / "curves.png")
+    samples = samples or val_samples(run)
+    run_folder.write_samples(*samples, run.table, run.args.out / "val_samples.png")
+    return samples
+
+
+def sync_buffers(model: nn.Module, dist_info: devices.DistInfo) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank: without SyncBatchNorm each
     rank's last forward updated its own copy, but validation must score the one model last.pth saves."""
     if dist_info.enabled:
@@ -452,8 +558,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, default=100, help="epochs to train (with --time-budget: the most it may choose)")
     add("--time-budget", metavar="DURATION",
         help="train the best schedule that fits: 90s, 20m, 1.5h or seconds for the whole run; after the first "
-             "epoch it fixes the epoch count that fits and anneals the lr to 0 by the deadline (none: no budget, "
-             "e.g. after --recipe camvid-cpu)")
+             "epoch it plans the last step that fits, plans again as the run goes and anneals the lr (poly) to 0 "
+             "at that step (none: no budget, e.g. after --recipe camvid-cpu)")
     add("--batch-size", type=int, default=8, help="per process")
     add("--accum-steps", type=int, default=1, metavar="K",
         help="accumulate the gradients of K batches per optimizer step: --batch-size 2 --accum-steps 4 trains "
@@ -484,11 +590,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="shrink train and val images by this factor first (4: quarter resolution, as --recipe camvid-cpu); "
              "test.py and predict.py read it from the checkpoint")
     add("--limit", type=int, help="use only the first K images (by stem) of each split")
-    add("--out", type=Path, help="run folder (default weights/<model>)")
+    add("--out", type=Path,
+        help="run folder (default: weights/<recipe>, else weights/<model>); a new run never writes into a folder "
+             "that holds another run")
     add("--resume", action="store_true", help="continue from RUN_DIR/last.pth")
     add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
     add("--seed", type=int, default=0, help="seed of data order, augmentation and dropout")
-    add("--workers", type=int, default=utils.default_workers(),
+    add("--workers", type=int, default=devices.default_workers(),
         help="data loader processes: cores - 2 (the main process and its pin-memory thread keep two), at most 8")
     add("--cache", action="store_true", help="decode the splits once into memory")
     add_label_cache_args(parser)
@@ -505,6 +613,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="page-locked batches for asynchronous host-to-GPU copies")
     add("--log-every", type=int, default=10, help="steps between progress updates (host syncs)")
     add("--eval-every", type=int, default=1, help="validate every N epochs (the last epoch always)")
+    add("--sync-bn", action="store_true",
+        help="SyncBatchNorm under torchrun on CUDA: batch statistics over every process (a host sync per BN layer)")
+    add("--tensorboard", action="store_true",
+        help="log losses, lr, val metrics and samples per epoch for TensorBoard, in the run folder")
     add("--save-every", type=float, default=300.0, metavar="SECONDS",
         help="write last.pth, best.pth and the plots at most this often (0: every epoch); always at the end "
              "and on a stop signal")
@@ -553,6 +665,13 @@ def check_args(args: argparse.Namespace) -> None:
         if args.epochs < 2:
             raise UserError(f"--time-budget needs --epochs of at least 2 (the measured epoch and one more), "
                             f"got {args.epochs}")
+        if args.schedule == "step":
+            raise UserError("--time-budget needs --schedule poly: a step decay cannot anneal to a deadline")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")  # TensorBoard is an optional install
+        except ImportError:
+            raise UserError("--tensorboard needs TensorBoard: pip install tensorboard") from None
     if args.save_every < 0:
         raise UserError(f"--save-every: expected seconds >= 0 (0: every epoch), got {args.save_every}")
     check_data_root(args.data_root)
@@ -561,27 +680,32 @@ def check_args(args: argparse.Namespace) -> None:
 def setup(args: argparse.Namespace) -> Run:
     """Wire data, model, optimiser, schedule and (on --resume) the saved state into one Run."""
     check_args(args)
-    args.out = args.out or Path("weights") / args.model
-    run_folder.check_out(args.out)
+    args.out = args.out or Path("weights") / (args.recipe or args.model)
+    run_folder.check_out(args.out, args.resume)  # on every rank, before any of them writes
     args.class_dict = resolve_class_dict(args.data_root, args.class_dict)
-    device = utils.resolve_device(args.device)
-    dist_info, device = utils.init_distributed(device)
-    loop = Loop(device, utils.amp_dtype(device, args.amp), args.channels_last, dist_info,
+    device = devices.resolve_device(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn: SyncBatchNorm runs on CUDA GPUs only (DDP rejects it on the CPU)")
+    dist_info, device = devices.init_distributed(device)
+    loop = Loop(device, devices.amp_dtype(device, args.amp), args.channels_last, dist_info,
                 log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed, compile=bool(args.compile),
                 accum_steps=args.accum_steps)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
-    resumed = run_folder.load_resume(args) if args.resume else None
+    resumed = run_folder.load_resume(args, dist_info.world_size) if args.resume else None
     model = place_model(build_model(args, table, resumed), args, loop)
     train_loader, val_loader = build_loaders(args, table, loop)
     optimizer = build_optimizer(model, args, device)
-    scheduler = build_scheduler(optimizer, args, math.ceil(len(train_loader) / args.accum_steps))
+    steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
+    scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=loop.amp == torch.float16)
     loss_fn = build_loss(args, train_loader.dataset, table.num_classes, device)
-    run = Run(args, table, model, optimizer, scheduler, scaler, loss_fn, train_loader, val_loader, loop)
+    folder = run_folder.Folder(args.out, dist_info.is_main, args.save_every)
+    run = Run(args, table, model, optimizer, scheduler, scaler, loss_fn, train_loader, val_loader, loop, folder)
     if args.time_budget:
-        saved = resumed.get("budget") if resumed is not None else None
-        run.budget = loop.budget = Budget.start(time_budget.parse_duration(args.time_budget), saved)
+        loop.budget = Budget.start(time_budget.parse_duration(args.time_budget), steps_per_epoch,
+                                   args.epochs * steps_per_epoch, args.eval_every, args.save_every,
+                                   resumed.get("budget") if resumed is not None else None)
     if resumed is not None:
         restore(run, resumed)
     run.model = wrap_model(model, args, loop)
@@ -589,11 +713,11 @@ def setup(args: argparse.Namespace) -> Run:
 
 
 def place_model(model: FCN, args: argparse.Namespace, loop: Loop) -> FCN:
-    """SyncBatchNorm under torchrun on CUDA, then the device and memory format."""
-    if loop.dist.enabled and model.config.backbone.endswith("_bn") and loop.device.type == "cuda":
-        # SyncBatchNorm only on CUDA: DDP rejects it on CPU modules ("SyncBatchNorm layers only work with
-        # GPU modules"). With gloo each process normalises with its own batch statistics; the running
-        # statistics are broadcast from rank 0 (DDP's broadcast_buffers, and sync_buffers before validation).
+    """SyncBatchNorm under torchrun with --sync-bn, then the device and memory format."""
+    if args.sync_bn and loop.dist.enabled:
+        # Off by default, as in torchvision's references: under NCCL every SyncBatchNorm layer copies a count
+        # to the host, a sync per BN layer and forward. Without it each rank normalises with its own batch and
+        # rank 0's running statistics are used (DDP's broadcast_buffers, and sync_buffers before validation).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if loop.device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark  # fixed train size: pick the fastest kernels once
@@ -614,8 +738,18 @@ def wrap_model(model: FCN, args: argparse.Namespace, loop: Loop) -> nn.Module:
     """DDP under torchrun, then torch.compile: compiling the DDP module lets dynamo split the graph at
     DDP's gradient buckets, so the all-reduce still overlaps the backward pass."""
     if loop.dist.enabled:
-        model = DistributedDataParallel(model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None,
+                                        **buffer_sync(args.sync_bn))
     return torch.compile(model, backend=args.compile) if args.compile else model
+
+
+def buffer_sync(sync_bn: bool) -> dict:
+    """DDP's options for the BatchNorm buffers: SyncBatchNorm keeps every rank's equal, so no broadcast at each
+    forward (torch 2.14 names the switch forward_sync_buffers, older versions broadcast_buffers)."""
+    if not sync_bn:
+        return {}
+    names = inspect.signature(DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
 
 
 OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how to step, not what was learnt
@@ -635,98 +769,300 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 def restore(run: Run, state: dict) -> None:
-    """Load optimiser, schedule, scaler and progress from a checkpoint. A budgeted run's schedule comes back as
-    it was planned (its epoch count wins over --epochs); a plain run's follows this run's flags."""
+    """Load optimiser, schedule, scaler and progress from a checkpoint. A schedule a budget planned, and any
+    schedule a budget takes over now, continue from the saved step at the saved rate; a plain run's follows
+    this run's --epochs and --warmup-epochs."""
     load_optimizer_state(run.optimizer, state["optimizer"])
     fresh = dict(vars(run.schedule))
     run.scheduler.load_state_dict(state["scheduler"])  # a saved budget.Schedule's fields come back with it
-    plan = run.schedule
-    if 0 < plan.replanned_at <= plan.epochs * plan.steps_per_epoch:  # a budget fixed it: keep it
-        run.args.epochs, run.args.warmup_epochs = plan.epochs, plan.warmup_epochs
-    else:
-        vars(plan).update(fresh)
+    planned = state.get("budget") is not None and run.schedule.total is not None
+    if run.loop.budget is None and not planned:
+        vars(run.schedule).update(fresh)
     if state["scaler"]:  # empty when saved by a disabled scaler (CPU, bf16): an fp16 run starts a fresh scale
         run.scaler.load_state_dict(state["scaler"])
     run.start_epoch = state["epoch"] + 1
     run.best_miou, run.history = state["best_miou"], list(state["history"])
     run.done = {key: state["partial_epoch"].get(key, value) for key, value in fresh_progress().items()}
-    run.checkpointed = True
+    if not run.loop.dist.is_main:  # the saved partial loss is the sum over every rank: rank 0 carries it
+        run.done.update(loss_sum=0.0, count=0)
+    run.folder.checkpointed = True
 
 
 def fit(run: Run) -> None:
-    """The epoch loop: train, validate, log, checkpoint; after the first epoch a time budget fixes the epoch
-    count. Whatever ends the run, the folder is complete (run_folder); a stop signal or the budget's deadline
+    """The epoch loop: train, validate, log, checkpoint, until the schedule's last step (a budget plans it after
+    the first epoch and again as the run goes). Whatever ends the run, the folder is complete: a stop signal
     saves and exits cleanly, a divergence keeps the last good checkpoints."""
-    args, loop = run.args, run.loop
-    loop.stop.install()
-    run_folder.prepare(run)
+    run.loop.stop.install()
+    run.folder.prepare(run.history)
+    if run.loop.dist.is_main:
+        print(start_block(run))
+        run.loop.pace.tell = lambda seconds: tqdm.write(estimate_line(run, seconds))
+        run.board = open_board(run)
     epoch = run.start_epoch
-    while epoch <= args.epochs:
+    while not at_end(run.scheduler):
         try:
             if not train_and_validate(run, epoch):
                 return stop(run, epoch)
         except TrainingDiverged as error:
-            run_folder.diverged(run, epoch, error)
+            diverged(run, epoch, error)
             raise
         epoch += 1
-    run_folder.finish(run)
+    finish(run)
 
 
 def train_and_validate(run: Run, epoch: int) -> bool:
-    """One epoch: train, validate (when due and when it still fits the budget), log, checkpoint; on the first
-    epoch of a budgeted run, choose the epoch count. False when a stop (signal or deadline) cut it short."""
+    """One epoch: train (to its end or the planned last step), agree on what comes next, validate when due, log
+    and checkpoint; after a budget's measured epoch, plan. False when a stop cut the epoch short."""
     args, loop = run.args, run.loop
     started = time.perf_counter()
+    if loop.budget is not None:
+        loop.budget.begin_epoch()
     run.train_loader.sampler.set_epoch(epoch, skip=run.done["steps"] * args.batch_size * args.accum_steps)
-    steps_before = run.done["steps"]
     finished = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler,
                                run.loss_fn, loop, epoch, run.done)
     trained = time.perf_counter()
     run.done["train_seconds"] += trained - started
-    steps = run.done["steps"] - steps_before
-    if not finished or time_budget.out_of_time_for_validation(run):
+    if not finished or not agree_at_epoch_end(run, epoch):
         return False
-    metrics = validate(run, epoch)
+    final, measuring = at_end(run.scheduler), loop.budget is not None and not loop.budget.planned
+    metrics = validate(run) if final or measuring or epoch % args.eval_every == 0 else None
     val_seconds = time.perf_counter() - trained
-    saved = end_of_epoch(run, epoch, metrics, val_seconds)
-    if run.budget is not None and run.budget.epochs is None:
-        cost = EpochCost(time_budget.steady_train_seconds(run, started, trained, steps), val_seconds, saved)
-        time_budget.plan(run, cost)
+    if metrics is not None and loop.budget is not None:
+        loop.budget.measured(val=val_seconds)
+    loop.pace.maybe_tell()  # an epoch shorter than the first few steps
+    end_of_epoch(run, epoch, metrics, val_seconds, final)
+    if measuring:
+        first_plan(run, epoch)
     return True
 
 
+def agree_at_epoch_end(run: Run, epoch: int) -> bool:
+    """The ranks' one decision when an epoch's training ends: the train loss summed over the ranks (history
+    holds the mean of all of them), a divergence, a stop, rank 0's plan. False: stop here."""
+    loop, step = run.loop, run.scheduler.last_epoch
+    total = run.schedule.total
+    if loop.budget is not None and loop.dist.is_main:
+        total, deadline = loop.budget.at_epoch_end(step, epoch)
+        if deadline:
+            loop.stop.request("time budget")
+    everyone = [loop.stop.requested, run.done["loss_sum"], run.done["count"]]
+    (stops, loss_sum, count), (total,) = devices.agree(loop.device, loop.dist, everyone, [end_code(total)])
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(f"loss became NaN/inf in epoch {epoch} by step {run.done['steps']}")
+    if loop.stop.agreed(stops > 0):
+        return False  # each rank keeps its own sums: stop() adds them up once
+    run.done["loss_sum"], run.done["count"] = loss_sum, int(count)
+    follow_plan(loop, run.scheduler, step, total)
+    return True
+
+
+def first_plan(run: Run, epoch: int) -> None:
+    """After a budget's measured epoch: rank 0 plans the last step, every rank takes it (or the refusal: -1)
+    and the plan is said in one line."""
+    loop, step, too_small = run.loop, run.scheduler.last_epoch, None
+    total = -1
+    if loop.dist.is_main:
+        try:
+            total = loop.budget.first_plan(step)
+        except BudgetTooSmall as error:
+            too_small = error
+    _, (total,) = devices.agree(loop.device, loop.dist, [], [total])
+    if total < 0:
+        if loop.dist.is_main:
+            write_results(run, str(too_small), epoch)
+        raise too_small or BudgetTooSmall("--time-budget: too short for a second epoch (rank 0 names the budget)")
+    follow_plan(loop, run.scheduler, step, total)
+    if loop.dist.is_main:
+        print(plan_line(run))
+
+
 def stop(run: Run, epoch: int) -> None:
-    """After a stop signal or the budget's deadline: save the partial epoch and a complete folder (rank 0) and
-    say how to go on; a budget that did not fit even the measured epoch is a BudgetTooSmall on every rank."""
-    main, steps = run.loop.dist.is_main, run.done["steps"]
+    """After an agreed stop (a signal, or a budget whose measured epoch did not fit): save the partial epoch
+    and a complete folder (rank 0) and say how to go on; a budget too small for its measured epoch is a
+    BudgetTooSmall on every rank."""
+    loop, main, steps = run.loop, run.loop.dist.is_main, run.done["steps"]
+    (run.done["loss_sum"], run.done["count"]), _ = devices.agree(
+        loop.device, loop.dist, [run.done["loss_sum"], run.done["count"]], [])  # the partial epoch of every rank
     batches = f" ({steps * run.args.accum_steps} batches)" if run.args.accum_steps > 1 else ""
-    reason = run.loop.stop.signal_name
+    reason = loop.stop.signal_name
     where = f"stopped in epoch {epoch} after step {steps}{batches}"
     if main:
-        run_folder.save(run, epoch - 1)
-    if reason == "time budget" and run.budget.epochs is None:  # not even the measured epoch fitted
-        per_step = run.budget.spent() / max(1, steps)
-        error = BudgetTooSmall(f"--time-budget {time_budget.format_duration(run.budget.seconds)}: the first epoch did "
-                               f"not fit ({where}); the smallest budget that works here is about "
-                               f"{time_budget.format_duration(2.2 * per_step * run.schedule.steps_per_epoch)}")
+        save(run, epoch - 1)
+    if reason == "time budget":  # only before the first plan: after it the deadline moves the plan's end
+        budget = loop.budget
+        training = budget.clock() - budget.epoch_started
+        epoch_seconds = training / max(1, loop.pace.steps) * run.schedule.steps_per_epoch
+        smallest = (budget.spent() - training + 2.2 * epoch_seconds) / (1 - time_budget.GUESSED_WRITE - 0.01)
+        error = BudgetTooSmall(f"--time-budget {format_duration(budget.seconds)}: the first epoch did not fit "
+                               f"({where}); the smallest budget that works here is about {format_duration(smallest)}")
         if main:
-            run_folder.write_results(run, str(error), epoch)
+            write_results(run, str(error), epoch)
         raise error
-    if not main:
+    if main:
+        write_results(run, f"{reason}: {where}", epoch)
+        print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}. Resume with the same command plus --resume.")
+        print(end_block(run))
+
+
+def diverged(run: Run, epoch: int, error: Exception) -> None:
+    """NaN/inf loss, agreed by every rank: keep the last good last.pth, write a pending better best.pth, curves,
+    samples of the last good weights and results.json (rank 0)."""
+    if not run.loop.dist.is_main:
         return
-    run_folder.write_results(run, f"{reason}: {where}", epoch)
-    advice = (f"the deadline came before epoch {run.args.epochs} (later epochs ran slower than the first); add "
-              "--resume and a larger --time-budget to finish" if reason == "time budget"
-              else "Resume with the same command plus --resume")
-    print(f"{reason}: {where}; saved {run.args.out / 'last.pth'}. {advice}.")
+    folder, model = run.folder, unwrap(run.model)
+    good = folder.best["model"] if folder.best is not None else None
+    folder.write_best()
+    if good is None and (run.args.out / "best.pth").is_file():
+        good = run_folder.load_checkpoint(run.args.out / "best.pth")["model"]
+    try:
+        if good is not None:
+            model.load_state_dict(good)
+    except RuntimeError:  # a best.pth of another model left in the folder: no samples rather than wrong ones
+        good = None
+    if run.history:
+        run_folder.plot_curves(run.history, run.args.out / "curves.png")
+    if good is not None:
+        run_folder.write_samples(*val_samples(run), run.table, run.args.out / "val_samples.png")
+    write_results(run, f"diverged: {error}", epoch)
+
+
+def finish(run: Run) -> None:
+    """results.json of a completed run and what to do next (rank 0)."""
+    if not run.loop.dist.is_main:
+        return
+    if not run.history or run.history[-1]["epoch"] < run.start_epoch:  # nothing was left to train
+        print(f"{run.args.out / 'last.pth'} already has {len(run.history)} epochs; raise --epochs to train more")
+        return
+    write_results(run)
+    print(end_block(run))
+
+
+def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
+    """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
+    command = "python train.py " + " ".join(sys.argv[1:])
+    results = run_folder.run_results(run.history, run.config(), devices.device_name(run.loop.device), command)
+    results.update(completed=stopped is None, precision=devices.precision_name(run.loop.amp))
+    if stopped is not None:
+        results.update(stop_reason=stopped, stopped_epoch=epoch)
+    if run.loop.budget is not None:
+        results["time_budget"] = {**run.loop.budget.state(), "epochs": run.schedule.epochs}
+    run.folder.write_results(results)
 
 
 def stop_workers(loader: DataLoader) -> None:
     """Shut persistent workers down now, through the DataLoader's own sentinel path: left to interpreter exit,
-    multiprocessing would SIGTERM them, which they ignore (utils.ignore_stop_signals), and wait forever."""
+    multiprocessing would SIGTERM them, which they ignore (devices.ignore_stop_signals), and wait forever."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
+
+
+# ---------------------------------------------------------------- what the run says (rank 0)
+
+def start_block(run: Run) -> str:
+    """What the run is about to do, in one short block."""
+    args, loop, schedule = run.args, run.loop, run.schedule
+    model, world = unwrap(run.model), loop.dist.world_size
+    width = f", fc width {model.config.fc_width}" if model.config.fc_width else ""
+    shrunk = f", shrunk {args.downscale:g}x" if args.downscale != 1 else ""
+    per_step = args.batch_size * args.accum_steps * world
+    shape = f"{args.batch_size} x {args.accum_steps} batches" if args.accum_steps > 1 else f"batch {args.batch_size}"
+    if loop.budget is None:
+        plan = f"{schedule.epochs} epochs"
+    elif loop.budget.planned:
+        plan = f"{schedule.epochs} epochs planned within --time-budget {format_duration(loop.budget.seconds)}"
+    else:
+        plan = (f"--time-budget {format_duration(loop.budget.seconds)}: as many epochs as fit (at most "
+                f"{args.epochs}), planned after epoch {run.start_epoch}")
+    resumed = f"; resuming at epoch {run.start_epoch}, step {run.done['steps']}" if args.resume else ""
+    return "\n".join([
+        f"device   {devices.device_name(loop.device)}, {devices.precision_name(loop.amp)}"
+        + (f", {world} processes" if world > 1 else ""),
+        f"model    {model.config.variant} on {model.config.backbone}{width}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
+        f"data     {args.data_root}: {len(run.train_loader.dataset)} train, {len(run.val_loader.dataset)} val "
+        f"images{shrunk}, crops {args.crop_size[0]}x{args.crop_size[1]}",
+        f"steps    {per_step} images a step ({shape}" + (f" x {world} processes" if world > 1 else "")
+        + f"), {schedule.steps_per_epoch} steps an epoch",
+        f"plan     {plan}{resumed}",
+        f"output   {args.out}"])
+
+
+def estimate_line(run: Run, per_step: float) -> str:
+    """After the first few steps: the pace, and the whole run's wall time at that pace (validation guessed at
+    a third of a training step per image) or, before a budget's first plan, the epochs it may fit."""
+    schedule, budget, args = run.schedule, run.loop.budget, run.args
+    val = per_step * len(run.val_loader.dataset) / (3 * args.batch_size * args.accum_steps * run.loop.dist.world_size)
+    epoch = per_step * schedule.steps_per_epoch + val / args.eval_every
+    pace = f"pace     {per_step:.2f} s a step, ~{format_duration(epoch)} an epoch"
+    if budget is not None and not budget.planned:
+        return pace + f": the {format_duration(budget.seconds)} budget fits about {int(budget.left() / epoch)} epochs"
+    steps_left = schedule.total - run.scheduler.last_epoch
+    whole = time_budget.process_age() + steps_left * epoch / schedule.steps_per_epoch
+    return pace + f": the whole run ({schedule.epochs} epochs) takes about {format_duration(whole)}"
+
+
+def epoch_line(run: Run, epoch: int, row: dict, seconds: float) -> str:
+    """One line per epoch: losses, val metrics, its time and the time left for the whole run."""
+    val = (f"val_loss {row['val_loss']:.4f} PA {row['val_pa']:.4f} MPA {row['val_mpa']:.4f} "
+           f"MIoU {row['val_miou']:.4f}") if row["val_miou"] is not None else "(not validated)"
+    budget, schedule = run.loop.budget, run.schedule
+    if budget is not None:
+        left = f"{format_duration(max(0.0, budget.left()))} of the budget left"
+    else:
+        left = f"~{format_duration((schedule.epochs - epoch) * seconds)} left"
+    return f"{epoch_label(epoch, schedule)}: train_loss {row['train_loss']:.4f} {val} ({seconds:.1f}s; {left})"
+
+
+def plan_line(run: Run) -> str:
+    """A budget's first plan, in one line."""
+    budget, schedule = run.loop.budget, run.schedule
+    costs = budget.costs
+    return (f"time budget {format_duration(budget.seconds)}: {schedule.epochs} epochs ({schedule.total} steps of "
+            f"~{costs.step:.3f} s; val {costs.val:.1f} s every {run.args.eval_every}, checkpoint {costs.save:.1f} s; "
+            f"{budget.spent():.0f} s spent), warm-up {schedule.warmup_epochs}, planned again after every epoch")
+
+
+def end_block(run: Run) -> str:
+    """How the run ended: best val MIoU and its epoch, wall time, the files and the commands that use them."""
+    out, best = run.args.out, run_folder.run_results(run.history, {}, "", "")
+    lines = [f"run      {len(run.history)} epochs, {format_duration(time_budget.process_age())} in this process; "
+             + (f"best val MIoU {best['miou']:.4f} (epoch {best['best_epoch']})" if best["miou"] is not None
+                else "not validated yet")]
+    if run.loop.budget is not None:
+        budget = run.loop.budget
+        lines.append(f"budget   {budget.spent():.0f} s of {budget.seconds:.0f} s used "
+                     f"({100 * budget.spent() / budget.seconds:.1f} %), the end planned {len(budget.replans)} times")
+    lines.append(f"files    {out}/ " + " ".join(name for name in run_folder.RUN_FILES if (out / name).exists()))
+    data = f" --data-root {run.args.data_root}" if run.args.data_root != cfg.default_data_root() else ""
+    if (out / "best.pth").exists():
+        lines += [f"next     python test.py --weights {out / 'best.pth'}{data} --split val",
+                  f"         python predict.py --weights {out / 'best.pth'} --input photo.jpg --out masks --overlay"]
+    return "\n".join(lines)
+
+
+def open_board(run: Run):
+    """--tensorboard's writer, in the run folder; a resumed run replaces the events of the epochs it redoes."""
+    if not run.args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # an optional install, checked by check_args
+    return SummaryWriter(str(run.args.out), purge_step=run.start_epoch)
+
+
+def log_board(run: Run, row: dict, samples: tuple | None) -> None:
+    """One epoch in TensorBoard: losses, lr, val metrics with the per-class IoU, the val samples image."""
+    board, epoch = run.board, row["epoch"]
+    board.add_scalar("train/loss", row["train_loss"], epoch)
+    board.add_scalar("train/lr", row["lr"], epoch)
+    if row["val_miou"] is not None:
+        for key in ("val_loss", "val_pa", "val_mpa", "val_miou"):
+            board.add_scalar(f"val/{key[len('val_'):]}", row[key], epoch)
+        for name in run.table.names:
+            board.add_scalar(f"val_iou/{name}", row[f"iou_{name}"], epoch)
+    if samples is not None:
+        board.add_image("val/samples", np.asarray(run_folder.sample_grid(*samples, run.table)), epoch,
+                        dataformats="HWC")
+    board.flush()
 
 
 def main(args: argparse.Namespace) -> None:
@@ -736,6 +1072,9 @@ def main(args: argparse.Namespace) -> None:
     finally:
         for loader in (run.train_loader, run.val_loader):
             stop_workers(loader)
+        run.folder.wait()  # a background checkpoint write is on the disk before the process ends
+        if run.board is not None:
+            run.board.close()
         if run.loop.dist.enabled:
             torch.distributed.destroy_process_group()
 
@@ -744,6 +1083,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as error:
-        utils.fail(str(error))
+        cfg.fail(str(error))
     except TrainingDiverged as error:
-        utils.fail(f"{error}; the last good checkpoints are kept (lower --lr or set --clip-grad)", code=1)
+        cfg.fail(f"{error}; the last good checkpoints are kept (lower --lr or set --clip-grad)", code=1)

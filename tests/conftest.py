@@ -27,9 +27,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SIZE = (64, 96)  # H, W: tiny, not a multiple of 32, so padding and cropping paths run
 # A narrow FCN-8s on the CPU. The 32x32 train crop (the smallest FCN input) keeps a step well under a
-# second on 2 cores; validation still runs on the full 64x96 images.
+# second on 2 cores; validation still runs on the full 64x96 images. In fp32 (--no-amp): the tests compare
+# runs bit for bit, and bf16 kernels are not bit-reproducible on every CPU (test_interrupt.py checks that).
 SMALL_TRAIN = ["--fc-width", "16", "--backbone", "vgg16", "--batch-size", "2", "--eval-batch-size", "2",
-               "--workers", "0", "--device", "cpu", "--crop-size", "32", "32", "--log-every", "1"]
+               "--workers", "0", "--device", "cpu", "--crop-size", "32", "32", "--log-every", "1", "--no-amp"]
 
 
 def make_sample(rng: np.random.Generator, table: ClassTable,
@@ -99,10 +100,10 @@ def train_in_process(*argv: str) -> None:
     """train.py's main in this process (no interpreter start-up): pytest keeps its signal handlers, and a time
     budget's clock starts at set-up rather than with pytest's process."""
     import budget
+    import devices
     import train
-    import utils
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils.StopFlag, "install", lambda self: None)
+        patch.setattr(devices.StopFlag, "install", lambda self: None)
         patch.setattr(budget, "process_age", lambda: 0.0)
         train.main(train.parse_args(list(argv)))
 
@@ -111,9 +112,9 @@ def fit_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after:
     """train.fit in this process (pytest keeps its signal handlers, and a budget's clock starts at set-up, not
     with pytest's process); optionally a stop request after N optimizer steps. Undoes `monkeypatch` after."""
     import budget
+    import devices
     import train
-    import utils
-    monkeypatch.setattr(utils.StopFlag, "install", lambda self: None)
+    monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)
     monkeypatch.setattr(budget, "process_age", lambda: 0.0)
     run = train.setup(train.parse_args(args))
     if stop_after is not None:
@@ -149,12 +150,12 @@ def reactive_checkpoint(path: Path, backbone: str, fc_width: int):
     """Save a narrow FCN-8s whose scoring layers are random (not the paper's zeros), so its predictions and loss
     react to everything before them; returns the model in eval mode."""
     import torch
-    import utils
+    import run_folder
     from fcn import FCN, FCNConfig
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", backbone, 11, fc_width=fc_width))
     with torch.no_grad():
         for layer in (model.score_fr, model.score_pool4, model.score_pool3):
             layer.weight.normal_(std=0.5)
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return model.eval()

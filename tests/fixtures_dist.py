@@ -32,7 +32,7 @@ def start(command: list[str], log_dir: Path, **popen) -> tuple[subprocess.Popen,
 
 def wait_for_step(process: subprocess.Popen, stderr: Path, epoch: int, timeout: float = 120) -> int:
     """Block until tqdm reports at least one finished step of `epoch` but not the whole epoch; the step count."""
-    pattern = re.compile(rf"epoch {epoch}:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+    pattern = re.compile(rf"epoch {epoch}(?:/\d+)?:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for done, total in pattern.findall(stderr.read_text()):
@@ -44,6 +44,15 @@ def wait_for_step(process: subprocess.Popen, stderr: Path, epoch: int, timeout: 
         time.sleep(0.05)
     process.kill()
     raise AssertionError(f"no progress in epoch {epoch} after {timeout}s:\n{stderr.read_text()}")
+
+
+def wait_for_file(path: Path, timeout: float = 60) -> None:
+    """Block until `path` exists (a checkpoint written in the background)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not written after {timeout}s")
+        time.sleep(0.05)
 
 
 def read_history(path: Path) -> list[dict[str, str]]:

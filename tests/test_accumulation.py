@@ -14,8 +14,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from conftest import SMALL_TRAIN, fit_in_process, write_camvid
 
+import run_folder
 import train
-import utils
 from cfg import UserError
 
 IMAGES = 8
@@ -90,10 +90,10 @@ def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, t
     fit_in_process(flags(data, tmp_path / "whole", *common), monkeypatch)
     fit_in_process(flags(data, tmp_path / "cut", *common), monkeypatch, stop_after=3)  # in epoch 2
     assert "stopped in epoch 2 after step 1 (2 batches)" in capsys.readouterr().out
-    saved = utils.load_checkpoint(tmp_path / "cut" / "last.pth")
+    saved = run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 1
     fit_in_process(flags(data, tmp_path / "cut", *common, "--resume"), monkeypatch)
-    whole, cut = utils.load_checkpoint(tmp_path / "whole" / "last.pth"), utils.load_checkpoint(tmp_path / "cut" / "last.pth")
+    whole, cut = run_folder.load_checkpoint(tmp_path / "whole" / "last.pth"), run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
     assert cut["epoch"] == 2 and cut["scheduler"]["last_epoch"] == whole["scheduler"]["last_epoch"] == 4
     assert [row["train_loss"] for row in cut["history"]] == [row["train_loss"] for row in whole["history"]]
     for name, tensor in whole["model"].items():

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import cfg
+import inference
 import predict
+import run_folder
 import test as test_script
 import train
-import utils
 from cfg import UserError
 from conftest import SMALL_TRAIN, run_cli
 from dataset import ClassTable, MaskEncoder, find_pairs
@@ -33,7 +34,7 @@ def test_train_writes_run_files_and_resume_continues(trained_run):
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert {"lr", "train_loss", "val_loss", "val_pa", "val_mpa", "val_miou", "seconds", "iou_Sky"} <= set(rows[0])
-    state = utils.load_checkpoint(trained_run / "last.pth")
+    state = run_folder.load_checkpoint(trained_run / "last.pth")
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert {"optimizer", "scheduler", "scaler", "best_miou", "config"} <= set(state)
     assert state["config"]["model"] == {"variant": "fcn8s", "backbone": "vgg16", "num_classes": 11, "fc_width": 16}
@@ -154,7 +155,7 @@ def test_bad_inputs_raise_one_clear_message(trained_run, camvid, tmp_path, keep_
     assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on
     model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=5, fc_width=8))
     five = tmp_path / "five.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)
     assert "predicts 5 classes but the class table has 11" in raises_user_error(
         run_test, "--data-root", str(camvid), "--weights", str(five))
     assert "--tta" in raises_user_error(run_test, "--data-root", str(camvid), "--weights", str(five), "--tta", "x")
@@ -194,10 +195,10 @@ def test_worker_error_exits_with_one_line(trained_run, tmp_path):
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     model = FCN(FCNConfig("fcn16s", "vgg16_bn", num_classes=11, fc_width=8))
     path = tmp_path / "c.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}, "epoch": 3}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}, "epoch": 3}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left behind
-    state = utils.load_checkpoint(path)
-    restored = utils.model_from_checkpoint(state, TABLE, path)
+    state = run_folder.load_checkpoint(path)
+    restored = inference.model_from_checkpoint(state, TABLE, path)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value)
 
@@ -205,8 +206,8 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
         tmp.write_bytes(b"partial")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write(path, crash)
-    assert utils.load_checkpoint(path)["epoch"] == 3  # the old file survived intact
+        run_folder.atomic_write(path, crash)
+    assert run_folder.load_checkpoint(path)["epoch"] == 3  # the old file survived intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
@@ -218,18 +219,17 @@ def test_scripts_import_without_side_effects():
             assert module.get_args_parser().prog
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(trained_run, camvid, tmp_path):
-    import shutil
+def test_nan_loss_stops_with_a_message_and_writes_no_checkpoint(trained_run, camvid, tmp_path):
+    """Diverged in its first epoch: one line, exit 1, no checkpoint of NaN weights, results.json says why
+    (a later divergence keeping the good checkpoints: tests/test_budget.py)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(trained_run, run_dir)
-    before = (run_dir / "last.pth").read_bytes()
-    state = utils.load_checkpoint(trained_run / "last.pth")
+    state = run_folder.load_checkpoint(trained_run / "last.pth")
     state["model"]["score_fr.weight"].fill_(float("nan"))  # poisoned weights: the first loss is NaN
-    utils.save_checkpoint({"model": state["model"], "config": state["config"]}, tmp_path / "nan.pth")
+    run_folder.save_checkpoint({"model": state["model"], "config": state["config"]}, tmp_path / "nan.pth")
     result = run_cli("train.py", "--data-root", str(camvid), "--out", str(run_dir), *SMALL_TRAIN,
                      "--epochs", "1", "--init-from", str(tmp_path / "nan.pth"), check=False)
     assert result.returncode == 1, result.stderr
     assert "loss became NaN/inf in epoch 1" in result.stderr and "the last good checkpoints are kept" in result.stderr
-    assert (run_dir / "last.pth").read_bytes() == before
+    assert not list(run_dir.glob("*.pth"))
     results = json.loads((run_dir / "results.json").read_text())
     assert not results["completed"] and results["stop_reason"].startswith("diverged: loss became NaN/inf")

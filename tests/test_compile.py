@@ -46,19 +46,19 @@ def test_unwrap_strips_ddp_and_compile_in_any_order(process_group):
 def test_compile_under_torchrun_trains_without_recompiling(tmp_path: Path, monkeypatch):
     """10 images over 2 ranks with batch 3: each rank steps on 3 then 2 images, so an input shape that
     is not dynamic in the batch would recompile at the second step (TORCH_LOGS prints every recompile).
-    Under a time budget every rank takes rank 0's epoch count (a broadcast), and rank 0 alone announces it.
+    Under a time budget every rank takes rank 0's plan (one all-reduce), and rank 0 alone announces it.
     The aot_eager backend runs dynamo's tracing, DDP graph splitting and guards, but no C++ compiler:
     the inductor default costs minutes of CPU here."""
     data = fx.write_camvid(tmp_path / "CamVid", {"train": 10, "val": 3})
     out = tmp_path / "run"
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
     result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "2", "--batch-size", "3",
-                                               "--compile", "aot_eager", "--time-budget", "10m")])
+                                               "--compile", "aot_eager", "--time-budget", "10m", "--schedule", "poly")])
     assert "Recompiling" not in result.stderr, result.stderr[-3000:]
-    assert re.search(r"epoch 2: +100%\|[^|]*\| *2/2 ", result.stderr), result.stderr[-3000:]
-    assert result.stdout.count("epoch 2: train_loss") == 1, result.stdout
-    assert result.stdout.count("time budget 10m: 2 epochs of") == 1, result.stdout
+    assert re.search(r"epoch 2/2: +100%\|[^|]*\| *2/2 ", result.stderr), result.stderr[-3000:]
+    assert result.stdout.count("epoch 2/2: train_loss") == 1, result.stdout
+    assert result.stdout.count("time budget 10m: 2 epochs (4 steps") == 1, result.stdout
     checkpoint = fx.load(out / "last.pth")  # saved at the end of epoch 2: unwrap gave the FCN's config
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["train"]["compile"] == "aot_eager"
-    assert checkpoint["budget"]["epochs"] == 2 and checkpoint["scheduler"]["last_epoch"] == 4
+    assert checkpoint["budget"]["total"] == 4 and checkpoint["scheduler"]["last_epoch"] == 4
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["model"])

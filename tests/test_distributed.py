@@ -2,8 +2,10 @@
 plus the samplers that shard training and validation across ranks."""
 from __future__ import annotations
 
+import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 from conftest import reactive_checkpoint  # noqa: E402
 
+import devices  # noqa: E402
+import inference  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from cfg import UserError  # noqa: E402
 from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
+from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -40,9 +45,9 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     result = fx.run([*TORCHRUN, *fx.train_args(data, out, "--epochs", "1", "--backbone", "vgg16_bn",
                                                "--init-from", str(start), "--no-amp")])  # compared in fp32
     # --batch-size is per process: 4 images = 2 ranks x 1 step of 2
-    assert re.search(r"epoch 1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
+    assert re.search(r"epoch 1/1: +100%\|[^|]*\| *1/1 ", result.stderr), result.stderr
     # rank 0 alone logs, plots and checkpoints
-    assert result.stdout.count("epoch 1: train_loss") == 1, result.stdout
+    assert result.stdout.count("epoch 1/1: train_loss") == 1, result.stdout
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "last.pth"]
     assert not list(out.glob(".*"))  # no temporaries of interrupted or concurrent writes
     assert (out / "curves.png").is_file() and (out / "val_samples.png").is_file()
@@ -54,7 +59,7 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     # The val split sharded 2/1 over the ranks, the confusion matrix and loss all-reduced, every rank on rank 0's
     # BatchNorm statistics: the same numbers as one process scoring the saved model.
     table = ClassTable.from_csv(data / "class_dict.csv")
-    model = utils.model_from_checkpoint(checkpoint, table, out / "last.pth")
+    model = inference.model_from_checkpoint(checkpoint, table, out / "last.pth")
     loader = torch.utils.data.DataLoader(CamVidDataset(data, "val", table), batch_size=2)
     single = train.evaluate(model, loader, table.num_classes, train.Loop(torch.device("cpu"), None, False))
     assert float(rows[-1]["val_loss"]) == pytest.approx(single["loss"], rel=1e-6)
@@ -103,3 +108,79 @@ def test_resumed_sampler_skips_the_samples_already_done():
         sampler.set_epoch(4, skip=skip)
         assert [index for index, _ in sampler] == full[skip:]
         assert len(sampler) == len(full[skip:])
+
+
+def test_sync_batch_norm_only_when_asked_and_then_ddp_leaves_the_buffers_to_it(data: Path, tmp_path: Path):
+    """--sync-bn (off by default): SyncBatchNorm layers under torchrun, DDP's buffer broadcast off; refused in one
+    line on a CPU, where DDP rejects SyncBatchNorm."""
+    ranks = train.Loop(torch.device("cpu"), None, False, devices.DistInfo(rank=0, world_size=2))
+    for argv, expected in (([], 0), (["--sync-bn"], 13)):  # VGG16-BN has 13 BatchNorm layers
+        model = train.place_model(FCN(FCNConfig("fcn32s", "vgg16_bn", 11, fc_width=8)), train.parse_args(argv), ranks)
+        assert sum(isinstance(layer, torch.nn.SyncBatchNorm) for layer in model.modules()) == expected
+    assert train.buffer_sync(False) == {}
+    assert train.buffer_sync(True) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    with pytest.raises(UserError, match="^--sync-bn: SyncBatchNorm runs on CUDA GPUs only"):
+        train.setup(train.parse_args(fx.train_args(data, tmp_path / "run", "--sync-bn")[1:]))
+
+
+# train.py's entry point with rank 1's loss made NaN in epoch 2 (its weights stay finite): one rank diverges
+DIVERGING = """
+import math, sys
+sys.path.insert(0, {repo!r})
+import cfg, train
+real = train.accumulation_step
+
+def step(model, batches, optimizer, scaler, loss_fn, loop, epoch, index):
+    loss = real(model, batches, optimizer, scaler, loss_fn, loop, epoch, index)
+    return loss * math.nan if (loop.dist.rank, epoch) == (1, 2) else loss
+
+train.accumulation_step = step
+try:
+    train.main(train.parse_args())
+except train.TrainingDiverged as error:
+    cfg.fail(str(error), code=1)
+"""
+
+
+def test_a_rank_that_diverges_stops_every_rank_with_the_folder_complete(data: Path, tmp_path: Path):
+    """Rank 1 alone sees a NaN loss in epoch 2: the ranks agree on it at once, every one exits (a rank left
+    waiting for another would hang until the hard timeout fails the test) and rank 0 leaves a complete folder."""
+    script = tmp_path / "diverging_train.py"
+    script.write_text(DIVERGING.format(repo=str(fx.REPO)))
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = fx.run([*TORCHRUN, str(script), *fx.train_args(data, out, "--epochs", "3")[1:]], check=False, timeout=240)
+    assert result.returncode != 0 and time.monotonic() - started < 240
+    assert result.stderr.count("error: loss became NaN/inf in epoch 2") == 2, result.stderr  # both ranks, one line
+    for name in ("last.pth", "best.pth", "history.csv", "curves.png", "val_samples.png", "results.json"):
+        assert (out / name).is_file(), name
+    assert fx.load(out / "last.pth")["epoch"] == 1
+    results = json.loads((out / "results.json").read_text())
+    assert not results["completed"] and results["stopped_epoch"] == 2 and results["stop_reason"].startswith("diverged")
+
+
+# train.py's entry point with slow checkpoint writes (rank 0 writes): 1.5 s more per file
+SLOW_WRITES = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import cfg, run_folder, train
+real = run_folder.save_checkpoint
+run_folder.save_checkpoint = lambda state, path: (time.sleep(1.5), real(state, path))
+cfg.run_script(lambda: train.main(train.parse_args()))
+"""
+
+
+def test_a_budget_under_torchrun_ends_completed_on_every_rank_without_a_hang(data: Path, tmp_path: Path):
+    """2 gloo ranks, a checkpoint write (rank 0's, every epoch) longer than an epoch, a 60 s budget: rank 0's plan
+    and deadline are every rank's, so all of them end, completed, within the budget; a rank left waiting for
+    another would run into the hard timeout."""
+    script, out = tmp_path / "slow_writes_train.py", tmp_path / "run"
+    script.write_text(SLOW_WRITES.format(repo=str(fx.REPO)))
+    started = time.monotonic()
+    fx.run([*TORCHRUN, str(script), *fx.train_args(data, out, "--epochs", "1000", "--schedule", "poly",
+                                                   "--save-every", "0", "--log-every", "2", "--time-budget", "60s")[1:]],
+           timeout=180)
+    assert time.monotonic() - started < 60 + 15  # torchrun's own start and exit on top of the budget
+    results = json.loads((out / "results.json").read_text())
+    assert results["completed"] and results["time_budget"]["spent"] <= 60
+    assert fx.load(out / "last.pth")["scheduler"]["last_epoch"] == results["time_budget"]["total"]

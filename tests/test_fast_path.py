@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
-import inference  # noqa: E402
 import cfg  # noqa: E402
+import devices  # noqa: E402
+import inference  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from dataset import ClassTable, normalize_batch  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_fast_path_keeps_training_loss_and_head_gradients(model):
         torch.manual_seed(2)  # the same dropout masks
         x, y = train.to_device(images, labels, loop)
         assert x.is_contiguous(memory_format=torch.channels_last) == loop.channels_last
-        with utils.autocast(loop.device, loop.amp):
+        with devices.autocast(loop.device, loop.amp):
             loss = train.SegmentationLoss()(net(x), y)
         loss.backward()
         losses.append(loss.item())
@@ -151,16 +151,16 @@ def test_bench_bad_flag_is_one_line_exit_2(capsys):
     assert len(error) == 1 and error[0].startswith("error: bench.py: argument --repeats")
 
 
-bf16_cpu = pytest.mark.skipif(not utils.cpu_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+bf16_cpu = pytest.mark.skipif(not devices.cpu_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
 
 
 @bf16_cpu
 def test_amp_on_a_bf16_cpu_runs_training_and_inference_in_bf16_and_the_loss_in_fp32(model, tmp_path, monkeypatch):
     """The default (--amp) on a CPU with bf16 instructions: convolutions in bf16 in train.py's step and in the
     inference path test.py and predict.py take; the loss in fp32. Fails if autocast is silently off."""
-    assert utils.amp_dtype(CPU, True) == torch.bfloat16 and utils.amp_dtype(CPU, False) is None
+    assert devices.amp_dtype(CPU, True) == torch.bfloat16 and devices.amp_dtype(CPU, False) is None
     args = train.parse_args(["--device", "cpu", "--data-root", str(tmp_path)])
-    assert utils.amp_dtype(CPU, args.amp) == torch.bfloat16  # what setup() gives the Loop
+    assert devices.amp_dtype(CPU, args.amp) == torch.bfloat16  # what setup() gives the Loop
     seen, trained = [], copy.deepcopy(model).train()  # copied before the hook, which deepcopy would copy too
     hook = model.backbone.get_submodule("features.0").register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     losses = []
@@ -172,7 +172,7 @@ def test_amp_on_a_bf16_cpu_runs_training_and_inference_in_bf16_and_the_loss_in_f
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.01)
     train.train_step(trained, normalize_batch(images), labels.long(), optimizer, scaler, train.SegmentationLoss(), FAST)
-    inference.Runner(model, CPU, utils.amp_dtype(CPU, True)).labels(images)
+    inference.Runner(model, CPU, devices.amp_dtype(CPU, True)).labels(images)
     hook.remove()
     assert seen == [torch.bfloat16, torch.bfloat16] and losses == [torch.float32]
 

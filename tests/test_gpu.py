@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataset  # noqa: E402
-from evalution_segmentaion import ConfusionMatrix  # noqa: E402
+import devices  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from budget import Schedule  # noqa: E402
+from evalution_segmentaion import ConfusionMatrix  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
 NUM_CLASSES = 11
@@ -46,7 +48,7 @@ def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
                                                "--epochs", "2", "--warmup-epochs", "1", "--schedule", "poly"])
     optimizer = train.build_optimizer(model, args, device)
     scheduler = train.build_scheduler(optimizer, args, batches)
-    loop = train.Loop(device, utils.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
+    loop = train.Loop(device, devices.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
     scaler = torch.amp.GradScaler("cuda", enabled=loop.amp == torch.float16)
     count = 2 * batches - 1
     images = torch.randint(0, 256, (count, 3, 64, 96), dtype=torch.uint8)
@@ -56,7 +58,7 @@ def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
 
 
 def syncs_allowed_from_here(function):
-    """`function` with CUDA syncs allowed from its call on: the end-of-loop summaries (check_finite,
+    """`function` with CUDA syncs allowed from its call on: the end-of-loop summaries (on_host,
     ConfusionMatrix.compute) are the loops' sanctioned syncs."""
     def wrapper(*args, **kwargs):
         torch.cuda.set_sync_debug_mode("default")
@@ -72,7 +74,7 @@ def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
     train.evaluate(model, loader, NUM_CLASSES, loop)  # warm-up: caches, cuDNN autotuning, lazy CUDA state
     torch.cuda.synchronize()
     # log_every=1000: the loops' only syncs are the final loss check and metrics
-    monkeypatch.setattr(train, "check_finite", syncs_allowed_from_here(train.check_finite))
+    monkeypatch.setattr(train, "on_host", syncs_allowed_from_here(train.on_host))
     monkeypatch.setattr(ConfusionMatrix, "compute", syncs_allowed_from_here(ConfusionMatrix.compute))
     try:
         torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises a RuntimeError
@@ -85,9 +87,9 @@ def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
     assert 0 <= metrics["pixel_accuracy"] <= 1
 
 
-def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, monkeypatch):
-    """Under torchrun the stop agreement is an all-reduce plus a host sync: only on multiples of
-    --log-every (and at step 0, the end of an epoch), the same steps on every rank."""
+def test_ranks_agree_only_every_log_every_steps(tmp_path: Path, monkeypatch):
+    """Under torchrun the ranks' agreement is an all-reduce plus a host sync: only on multiples of --log-every,
+    the same steps on every rank (the end of an epoch has its own)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                                          world_size=1)
     try:
@@ -95,15 +97,20 @@ def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, mon
         real_all_reduce = torch.distributed.all_reduce
         monkeypatch.setattr(torch.distributed, "all_reduce",
                             lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
-        flag, ranks = utils.StopFlag(), utils.DistInfo(rank=0, world_size=2)  # the multi-process code path
-        flag.requested = True
-        assert [flag.agreed(torch.device("cpu"), ranks, step, every=4) for step in range(1, 9)] == \
-            [False, False, False, True] + [True] * 4
+        ranks = devices.DistInfo(rank=0, world_size=2)  # the multi-process code path
+        loop = train.Loop(torch.device("cpu"), None, False, ranks, log_every=4)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                                      Schedule("poly", 100, 1, 0))
+        done, left = train.fresh_progress(), []
+        loop.stop.requested = True
+        for _ in range(8):
+            scheduler.step()
+            done["steps"] += 1
+            done["count"] += 1
+            left.append(train.between_steps(loop, scheduler, torch.zeros((), dtype=torch.float64), done, 1,
+                                            tqdm(disable=True)))
+        assert left == [False, False, False, True] + [False, False, False, True]
         assert len(reduced) == 2  # steps 4 and 8
-        late = utils.StopFlag()
-        assert not late.agreed(torch.device("cpu"), ranks, 4, every=4)
-        late.requested = True
-        assert late.agreed(torch.device("cpu"), ranks, 0, every=4)  # the end-of-epoch agreement
     finally:
         torch.distributed.destroy_process_group()
 
@@ -111,11 +118,11 @@ def test_ranks_compare_stop_flags_only_every_log_every_steps(tmp_path: Path, mon
 def test_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
     """Pre-Ampere GPUs emulate bf16 (torch.cuda.is_bf16_supported() says True): fp16 is faster there."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert utils.amp_dtype(torch.device("cuda"), True) == torch.float16
+    assert devices.amp_dtype(torch.device("cuda"), True) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a torch without the argument
-    assert utils.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
-    assert utils.amp_dtype(torch.device("cuda"), False) is None and utils.amp_dtype(torch.device("cpu"), False) is None
-    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions runs fp32
-    assert utils.amp_dtype(torch.device("cpu"), True) is None
-    monkeypatch.setattr(utils, "cpu_native_bf16", lambda: True)
-    assert utils.amp_dtype(torch.device("cpu"), True) == torch.bfloat16
+    assert devices.amp_dtype(torch.device("cuda"), True) == torch.bfloat16
+    assert devices.amp_dtype(torch.device("cuda"), False) is None and devices.amp_dtype(torch.device("cpu"), False) is None
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions runs fp32
+    assert devices.amp_dtype(torch.device("cpu"), True) is None
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: True)
+    assert devices.amp_dtype(torch.device("cpu"), True) == torch.bfloat16

@@ -18,7 +18,7 @@ from conftest import write_camvid
 from dataset import CamVidDataset, ClassTable, normalize_batch
 from fcn import FCN, FCNConfig
 from transforms import eval_transform
-import utils
+import run_folder
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 
@@ -36,7 +36,7 @@ def model() -> FCN:
 @pytest.fixture(scope="module")
 def weights(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "random.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return path
 
 

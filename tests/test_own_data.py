@@ -13,8 +13,8 @@ from PIL import Image
 
 import cfg
 import dataset
+import run_folder
 import train
-import utils
 from cfg import UserError
 from conftest import SMALL_TRAIN, write_camvid
 from dataset import ClassTable, MaskEncoder, colorize
@@ -202,7 +202,7 @@ def save_fcn(path, config):
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.normal_()
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": config.to_dict()}}, path)
     return path
 
 
@@ -244,7 +244,7 @@ def test_init_from_refuses_a_checkpoint_without_a_fitting_backbone_layer(tmp_pat
     model = FCN(config)
     foreign = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.startswith("backbone.") else v
                for k, v in model.state_dict().items()}
-    utils.save_checkpoint({"model": foreign, "config": {"model": config.to_dict()}}, tmp_path / "foreign.pth")
+    run_folder.save_checkpoint({"model": foreign, "config": {"model": config.to_dict()}}, tmp_path / "foreign.pth")
     with pytest.raises(UserError, match=r"foreign\.pth: no backbone layer fits"):
         train.init_from(model, str(tmp_path / "foreign.pth"), table_of(tmp_path, 11))
 

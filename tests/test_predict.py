@@ -5,12 +5,13 @@ import torch
 from PIL import Image
 
 import cfg
+import devices
 import inference
+import run_folder
 import predict
 from cfg import UserError
 from dataset import ClassTable, read_image
 from fcn import FCN, FCNConfig
-import utils
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 
@@ -22,7 +23,7 @@ def weights(tmp_path_factory):
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     path = tmp_path_factory.mktemp("weights") / "random.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return path
 
 
@@ -47,7 +48,7 @@ def test_batched_workers_match_the_inference_path_and_formats(weights, tmp_path)
         photo(folder / f"f{index}.png", size, seed=index)
     assert run(weights, [folder], tmp_path / "out", "--workers", "2", "--batch-size", "2", "--format", "both") == 5
     model = inference.load_model(weights, None, torch.device("cpu")).model
-    plain = inference.Runner(model, torch.device("cpu"), utils.amp_dtype(torch.device("cpu"), True))  # predict's default
+    plain = inference.Runner(model, torch.device("cpu"), devices.amp_dtype(torch.device("cpu"), True))  # predict's default
     for index, size in enumerate(sizes):
         expected = plain.labels(read_image(folder / f"f{index}.png")[None])[0].numpy()
         index_png = Image.open(tmp_path / "out" / f"f{index}_index.png")
@@ -79,7 +80,7 @@ def test_scale_and_tta_reach_the_model(weights, tmp_path):
     source = photo(tmp_path / "p.png", (128, 96))
     run(weights, [source], tmp_path / "out", "--scale", "0.5", "--tta", "flip,1,1.5", "--format", "index")
     model = inference.load_model(weights, None, torch.device("cpu")).model
-    expected = inference.Runner(model, torch.device("cpu"), utils.amp_dtype(torch.device("cpu"), True), scale=0.5,
+    expected = inference.Runner(model, torch.device("cpu"), devices.amp_dtype(torch.device("cpu"), True), scale=0.5,
                                 tta=inference.parse_tta("flip,1,1.5"))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "p.png")),
                                   expected.labels(read_image(source)[None])[0].numpy())
@@ -125,7 +126,7 @@ def three_class_checkpoint(folder):
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     path = folder / "three.pth"
-    utils.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
+    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
                            "class_names": list(table.names), "class_table": table.to_dict()}, path)
     return path, table
 

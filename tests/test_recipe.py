@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import cfg
+import run_folder
 import train
 import transforms
-import utils
 from conftest import SMALL_TRAIN
 from fcn import FCN, FCNConfig, bilinear_kernel
 
@@ -144,7 +144,7 @@ def test_init_from_keeps_bilinear_upsamplers_and_zero_scores(tmp_path):
         for parameter in coarse.parameters():
             parameter.add_(torch.randn_like(parameter))
     path = tmp_path / "fcn32s.pth"
-    utils.save_checkpoint({"model": coarse.state_dict(), "config": {"model": coarse.config.to_dict()}}, path)
+    run_folder.save_checkpoint({"model": coarse.state_dict(), "config": {"model": coarse.config.to_dict()}}, path)
     fine = FCN(FCNConfig("fcn16s", "vgg16", 11, fc_width=8))
     train.init_from(fine, str(path), train.ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
     source, target = coarse.state_dict(), fine.state_dict()

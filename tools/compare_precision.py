@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cfg  # noqa: E402
+import devices  # noqa: E402
 import inference  # noqa: E402
-import utils  # noqa: E402
 from cfg import UserError  # noqa: E402
 from dataset import CamVidDataset, check_data_root, resolve_class_dict  # noqa: E402
 from evalution_segmentaion import ConfusionMatrix  # noqa: E402
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if not utils.cpu_native_bf16():
+    if not devices.cpu_native_bf16():
         raise UserError("this CPU computes no bf16 natively (AVX512-BF16 or AMX): nothing to compare")
     check_data_root(args.data_root)
     device = torch.device("cpu")
@@ -72,4 +72,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    utils.run_script(lambda: main(get_args_parser().parse_args()))
+    cfg.run_script(lambda: main(get_args_parser().parse_args()))

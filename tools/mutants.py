@@ -42,6 +42,7 @@ DOWNLOAD = ("tests/test_download.py",)
 SCALE = ("tests/test_inference.py", "-k", "training_scale or dispatches")
 ACCUM = ("tests/test_accumulation.py",)
 BUDGET = ("tests/test_budget.py",)
+BUDGET_SIM = ("tests/test_budget.py", "-k", "simulated")
 MUTANTS = [
     # metrics
     Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(scores.argmax(1), labels)\n",
@@ -104,10 +105,9 @@ MUTANTS = [
     Mutant("val-crop-ignored", "train.py", "eval_transform(crop if args.val_crop else None, args.downscale)",
            "eval_transform(None, args.downscale)", RECIPE),
     # schedule, optimiser, loss
-    Mutant("poly-power-1", "budget.py", "self.epochs * per_epoch - warm_end)) ** 0.9",
-           "self.epochs * per_epoch - warm_end)) ** 1.0", RECIPE),
-    Mutant("warmup-starts-at-0", "budget.py", "return start + (1 - start) * (step + 1 - replanned)",
-           "return start + (1 - start) * (step - replanned)", RECIPE),
+    Mutant("poly-power-1", "budget.py", "(self.total - self.decay_start)) ** 0.9",
+           "(self.total - self.decay_start)) ** 1.0", RECIPE),
+    Mutant("warmup-starts-at-0", "budget.py", "* (step + 1 - self.ramp_start)", "* (step - self.ramp_start)", RECIPE),
     Mutant("weight-decay-ignored", "train.py", '"weight_decay": weight_decay if decay else 0.0}',
            '"weight_decay": 0.0}', RECIPE),
     Mutant("clip-grad-ignored", "train.py", "    if loop.clip_grad > 0:\n", "    if loop.clip_grad < 0:\n", RECIPE),
@@ -139,28 +139,71 @@ MUTANTS = [
     Mutant("cache-flag-ignored", "train.py", "    if args.cache:\n", "    if False:\n", RECIPE),
     Mutant("class-weights-not-in-loss", "train.py", 'return SegmentationLoss(weight, args.ohem).to(device)',
            'return SegmentationLoss(None, args.ohem).to(device)', RECIPE),
-    # time budget and the run folder
-    Mutant("budget-keeps-the-provisional-schedule", "budget.py", "    run.schedule.replan(epochs, run.scheduler.last_epoch)\n",
-           "", BUDGET),
-    Mutant("budget-ignores-validation-cost", "budget.py", "    work = epochs * cost.train + validations * cost.val\n",
-           "    work = epochs * cost.train\n", BUDGET),
-    Mutant("budget-deadline-ignored", "train.py", '            loop.stop.request("time budget")\n', "            pass\n",
-           BUDGET),
-    Mutant("budget-warm-up-not-shrunk", "budget.py", "        if self.warmup_epochs >= 2:\n", "        if False:\n",
-           BUDGET),
+    # time budget and the run folder (issue 24: one mutant per finding, numbered as there)
+    Mutant("tests-compare-bf16-bit-for-bit", "tests/conftest.py", '"--log-every", "1", "--no-amp"]',  # 0
+           '"--log-every", "1"]', ("tests/test_interrupt.py", "-k", "fp32")),
+    Mutant("budget-plan-fixed-after-the-first", "budget.py", "        if total == self.total:\n",  # 1
+           "        if total == self.total or self.total is not None:\n", BUDGET_SIM),
+    Mutant("budget-plan-forgets-the-final-validation", "budget.py",  # 2: the plan's reserve is not the deadline's
+           "        available = self.left() - self.reserve(validate=True)\n",
+           "        available = self.left() - self.reserve(validate=False)\n", BUDGET_SIM),
+    Mutant("budget-each-rank-plans-alone", "devices.py", "*(main if info.is_main else [0.0] * len(main))",  # 3
+           "*main", ("tests/test_distributed.py", "-k", "budget_under_torchrun")),
+    Mutant("budget-added-on-resume-restarts-the-schedule", "train.py",  # 4
+           "    if run.loop.budget is None and not planned:\n", "    if not planned:\n", ("tests/test_budget.py", "-k", "added")),
+    Mutant("resume-ignores-the-process-count", "run_folder.py",  # 5
+           '    saved_world = config.get("world_size", world_size)  # older checkpoints did not record it\n',
+           "    saved_world = world_size\n", ("tests/test_run_folder.py", "-k", "process_count")),
+    Mutant("budget-accepts-step-decay", "train.py", '        if args.schedule == "step":\n', "        if False:\n",  # 6
+           ("tests/test_budget.py", "-k", "flags")),
+    Mutant("resume-ignores-a-new-lr", "run_folder.py", '("optimizer", "lr", "weight_decay"',  # 7
+           '("optimizer", "weight_decay"', ("tests/test_run_folder.py", "-k", "refuse")),
+    Mutant("budget-measured-epoch-write-skipped", "train.py",  # 8
+           "    if run.folder.due(metrics is not None, final or measuring):\n",
+           "    if run.folder.due(metrics is not None, final):\n", ("tests/test_budget.py", "-k", "measured_epoch")),
+    Mutant("last-pth-without-the-epochs-times", "train.py",  # 9
+           "    set_times(row, train_seconds, val_seconds, time.perf_counter() - started)  # last.pth holds them too\n",
+           "", ("tests/test_interrupt.py", "-k", "save_every")),
+    Mutant("divergence-decided-per-rank", "train.py", "    if nonfinite:\n", "    if not finite:\n",  # 10
+           ("tests/test_distributed.py", "-k", "diverges")),
+    Mutant("sync-bn-always-under-torchrun", "train.py", "    if args.sync_bn and loop.dist.enabled:\n",  # 11
+           "    if loop.dist.enabled:\n", ("tests/test_distributed.py", "-k", "sync_batch")),
+    Mutant("atomic-write-without-fsync", "run_folder.py", "        fsync(temporary)\n", "",  # 12
+           ("tests/test_interrupt.py", "-k", "flushes")),
+    Mutant("run-folder-imports-train", "run_folder.py", "from cfg import UserError\n",  # 13
+           "from cfg import UserError\nif False:\n    import train  # noqa: F401\n",
+           ("tests/test_run_folder.py", "-k", "nothing_below")),
+    Mutant("budget-deadline-ignored", "budget.py", "            total, self.cuts = step, self.cuts + 1\n",
+           "            self.cuts += 1\n", BUDGET),
+    Mutant("budget-keeps-the-provisional-schedule", "train.py", "    schedule.replan(int(code), step)\n", "", BUDGET),
+    Mutant("budget-ignores-validation-cost", "budget.py",
+           "        work = more * self.costs.step + validations * self.costs.val\n",
+           "        work = more * self.costs.step\n", BUDGET),
+    Mutant("budget-warm-up-not-shrunk", "budget.py", "            if self.warmup_epochs >= 2:\n",
+           "            if False:\n", BUDGET),
     Mutant("resume-forgets-the-budget-plan", "train.py",
-           "        run.args.epochs, run.args.warmup_epochs = plan.epochs, plan.warmup_epochs\n",
-           "        vars(plan).update(fresh)\n", BUDGET),
-    Mutant("no-checkpoint-at-the-first-validation", "run_folder.py", "    first = validated and not run.checkpointed\n",
-           "    first = False\n", ("tests/test_interrupt.py", "-k", "save_every or sigkill_in_epoch_two")),
-    Mutant("divergence-overwrites-last", "train.py", "            run_folder.diverged(run, epoch, error)\n",
-           "            run_folder.save(run, epoch)\n", BUDGET),
-    Mutant("stop-writes-no-results", "train.py", '    run_folder.write_results(run, f"{reason}: {where}", epoch)\n', "",
+           "    if run.loop.budget is None and not planned:\n        vars(run.schedule).update(fresh)\n",
+           "    vars(run.schedule).update(fresh)\n", BUDGET),
+    Mutant("no-checkpoint-at-the-first-validation", "run_folder.py", "        first = validated and not self.checkpointed\n",
+           "        first = False\n", ("tests/test_interrupt.py", "-k", "save_every or sigkill_in_epoch_two")),
+    Mutant("divergence-overwrites-last", "train.py", "            diverged(run, epoch, error)\n",
+           "            save(run, epoch)\n", BUDGET),
+    Mutant("stop-writes-no-results", "train.py", '        write_results(run, f"{reason}: {where}", epoch)\n', "",
            ("tests/test_interrupt.py", "-k", "sigterm_mid_epoch")),
-    Mutant("predict-ignores-the-checkpoint-table", "utils.py",
+    # issue 23: runs never overwrite each other, a trainer that talks
+    Mutant("new-run-overwrites-a-run", "run_folder.py",
+           "    found = holds_a_run(out) if not resume and out.is_dir() else []\n", "    found = []\n",
+           ("tests/test_run_folder.py", "-k", "second_run")),
+    Mutant("no-whole-run-estimate", "train.py",
+           "            self.tell((time.perf_counter() - self.first_step_end) / (self.steps - 1))\n", "",
+           ("tests/test_run_folder.py", "-k", "says_what")),
+    Mutant("tensorboard-without-per-class-iou", "train.py",
+           '            board.add_scalar(f"val_iou/{name}", row[f"iou_{name}"], epoch)\n', "            pass\n",
+           ("tests/test_run_folder.py", "-k", "tensorboard")),
+    Mutant("predict-ignores-the-checkpoint-table", "inference.py",
            '    if class_dict is None and saved is not None and "colors" in saved:\n', "    if False:\n",
            ("tests/test_predict.py", "-k", "own_classes")),
-    Mutant("cpu-autocast-off", "utils.py", '    return torch.bfloat16 if cpu_native_bf16() else None\n', "    return None\n",
+    Mutant("cpu-autocast-off", "devices.py", '    return torch.bfloat16 if cpu_native_bf16() else None\n', "    return None\n",
            ("tests/test_fast_path.py", "-k", "bf16_cpu")),
     Mutant("loss-in-bf16", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
            "loss = loss_fn.total(logits, labels) / denominator", ("tests/test_fast_path.py", "-k", "bf16_cpu")),
