@@ -620,6 +620,7 @@ def main(args: argparse.Namespace) -> dict:
     """Run every measurement, print the table and the JSON line; returns the JSON object."""
     device = devices.resolve_device(args.device)
     plan = make_plan(args, device)
+    backbones = backbone_list(args.backbones)
     check_data_root(args.data_root)
     if args.json and not args.json.parent.is_dir():
         raise UserError(f"--json {args.json}: folder {args.json.parent} not found")
@@ -634,8 +635,7 @@ def main(args: argparse.Namespace) -> dict:
     result["workers_needed"] = workers_needed(result["train_fast_img_s"], result["data_recipe_img_s"]) if cuda else None
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
     result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
-    result["backbones"] = measure_backbones(backbone_list(args.backbones), plan, modes["fast"], device,
-                                            table.num_classes)
+    result["backbones"] = measure_backbones(backbones, plan, modes["fast"], device, table.num_classes)
     if args.onnx:
         result.update(bench_onnx(plan, modes, device, table, "torchscript" if args.quick else "dynamo"))
     print_report(result)

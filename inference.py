@@ -196,6 +196,14 @@ class Runner:
         return self.scores(images).argmax(1).to(torch.uint8)
 
 
+def sample_predictions(runner: Runner, dataset, count: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to `count` images spread over a dataset, their labels and the runner's predictions (for a picture)."""
+    picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
+    images, labels = (torch.stack(items) for items in zip(*(dataset[i] for i in picks)))
+    runner.model.eval()
+    return images, labels, runner.labels(images)
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp: torch.dtype | None = None,
              channels_last: bool = True, tta: TTA | None = None, scale: float = 1.0,

@@ -109,12 +109,39 @@ def plot_curves(rows: list[dict], path: str | Path) -> None:
 
 
 def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor, table: ClassTable) -> Image.Image:
-    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels)."""
+    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels), and below
+    them the colour of every class."""
     rows = []
     for image, target, predicted in zip(images.cpu(), truth.cpu().numpy(), prediction.cpu().numpy()):
         rows.append(np.concatenate([image.permute(1, 2, 0).numpy(), colorize(target, table),
                                     colorize(predicted, table)], axis=1))
-    return Image.fromarray(np.concatenate(rows, axis=0))
+    grid = np.concatenate(rows, axis=0)
+    return Image.fromarray(np.concatenate([grid, legend(table, grid.shape[1])], axis=0))
+
+
+def legend(table: ClassTable, width: int) -> np.ndarray:
+    """H×width×3 uint8: a swatch and the name of each class (and void), wrapped into as many lines as needed."""
+    from PIL import ImageDraw
+    entries = list(zip(table.names, table.colors.tolist()))
+    if len(table.void_colors):
+        entries.append(("void", table.void_colors[0].tolist()))
+    line_height, swatch, gap, char_width = 14, 10, 10, 6  # PIL's default bitmap font is about 6 px a character
+    lines, x = [[]], 0
+    for name, color in entries:
+        needed = swatch + 3 + char_width * len(name) + gap
+        if x + needed > width and lines[-1]:
+            lines.append([])
+            x = 0
+        lines[-1].append((x, name, color))
+        x += needed
+    canvas = Image.new("RGB", (width, line_height * len(lines) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        top = 2 + row * line_height
+        for left, name, color in line:
+            draw.rectangle([left + 2, top + 1, left + 2 + swatch, top + 1 + swatch], fill=tuple(color), outline="black")
+            draw.text((left + swatch + 5, top), name, fill="black")
+    return np.asarray(canvas)
 
 
 def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:

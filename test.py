@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="score labels shrunk by this factor (images too; the model still runs at its own scale): 1 is the "
              "benchmark's 360x480, 4 the 90x120 that a --recipe camvid-cpu run validated on")
     add("--json", type=Path, help="also write the metrics (confusion matrix included) to this JSON file")
-    add("--report", type=Path, metavar="DIR", help="write confusion.csv, confusion.png and per_class.csv here")
+    add("--report", type=Path, metavar="DIR",
+        help="write confusion.csv, confusion.png, per_class.csv and samples.png (3 images: photo, truth, prediction) here")
     add("--tta", help="test-time augmentation: flip and/or scales, e.g. flip or flip,0.75,1,1.25")
     add("--scale", type=float,
         help="resize the images by this factor before the model (relative to the images as scored, after "
@@ -64,7 +65,8 @@ def report(metrics: dict, names: tuple[str, ...]) -> str:
 
 
 def write_report(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
-    """confusion.csv (counts, rows = truth), confusion.png (row-normalised heatmap), per_class.csv."""
+    """confusion.csv (counts, rows = truth), confusion.png (row-normalised heatmap), per_class.csv (main adds
+    samples.png: three images with truth and prediction at the scored size)."""
     folder.mkdir(parents=True, exist_ok=True)
     counts = metrics["confusion"].numpy()
     frame = pd.DataFrame(counts, index=pd.Index(names, name="truth \\ predicted"), columns=list(names))
@@ -158,6 +160,8 @@ def main(args: argparse.Namespace) -> dict:
     print(report(metrics, table.names))
     if args.report:
         write_report(args.report, metrics, table.names)
+        runner = inference.Runner(model, device, amp, args.channels_last, scoring.scale, tta)
+        run_folder.write_samples(*inference.sample_predictions(runner, dataset), table, args.report / "samples.png")
     if args.json:
         result = json_result(metrics, table.names, args, len(dataset), scoring)
         run_folder.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))

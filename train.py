@@ -36,14 +36,16 @@ from devices import unwrap, wrappers
 from run_folder import set_times
 from transforms import eval_transform, train_transform
 
-# `--recipe camvid`: the defaults chosen for CamVid (issue 4); explicit flags still win.
+# `--recipe camvid`: the defaults chosen for CamVid; explicit flags still win.
 RECIPES = {
     "camvid": dict(optimizer="sgd", lr=0.01, weight_decay=5e-4, schedule="poly", warmup_epochs=5,
                    epochs=300, batch_size=8, scale=(0.5, 2.0), flip=True, jitter=0.2, clip_grad=10.0),
 }
-# The CamVid recipe at quarter resolution, narrowed fc6/fc7, in one hour of a CPU (issue 18).
+# The CamVid recipe at quarter resolution, narrowed fc6/fc7, in one hour of a CPU.
 RECIPES["camvid-cpu"] = dict(RECIPES["camvid"], downscale=4.0, crop_size=[88, 120], fc_width=1024, warmup_epochs=2,
                              eval_every=2, time_budget="60m")
+RECIPE_NOTES = {"camvid": "the full recipe for a CUDA GPU (FCN-8s on VGG16-BN at CamVid's full resolution, 300 epochs)",
+                "camvid-cpu": "the recipe for a machine without a CUDA GPU (60 minutes at quarter resolution)"}
 
 
 class TrainingDiverged(Exception):
@@ -468,12 +470,9 @@ class Run:
 
 def val_samples(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to 3 val images spread over the split, their labels and the model's prediction."""
-    dataset, model, loop = run.val_loader.dataset, unwrap(run.model), run.loop
-    picks = torch.linspace(0, len(dataset) - 1, min(3, len(dataset))).round().long().unique().tolist()
-    images, labels = zip(*(dataset[i] for i in picks))
-    images, labels = torch.stack(images), torch.stack(labels)
-    model.eval()
-    return images, labels, inference.Runner(model, loop.device, loop.amp, loop.channels_last).labels(images)
+    loop = run.loop
+    runner = inference.Runner(unwrap(run.model), loop.device, loop.amp, loop.channels_last)
+    return inference.sample_predictions(runner, run.val_loader.dataset)
 
 
 def validate(run: Run) -> dict:
@@ -543,7 +542,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--data-root", default=cfg.default_data_root(),
         help="CamVid folder: $CAMVID_ROOT when set, else data/CamVid in the working folder")
     add("--class-dict", default=None, help="class_dict.csv (default: DATA_ROOT/class_dict.csv, else data/class_dict.csv)")
-    add("--recipe", choices=sorted(RECIPES), help="set the defaults of a documented recipe; explicit flags still win")
+    add("--recipe", choices=[*sorted(RECIPES), "auto"],
+        help="set the defaults of a documented recipe; explicit flags still win (auto: camvid where the --device is "
+             "a CUDA GPU, camvid-cpu elsewhere)")
     add("--model", default="fcn8s", choices=VARIANTS, help="FCN variant: the skips it fuses (docs/model.md)")
     add("--backbone", default="vgg16_bn", choices=list(BACKBONES), help="torchvision classifier under the FCN head")
     add("--fc-width", type=int, default=None,
@@ -632,10 +633,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             raise ValueError(f"RECIPES['{name}']: {', '.join(unknown)} is not a train.py option")
     args = parser.parse_args(argv)
-    if args.recipe:
-        parser.set_defaults(**RECIPES[args.recipe])
+    recipe = args.recipe
+    if recipe == "auto":
+        recipe = machine_recipe(args.device)
+        print(f"--recipe auto: {recipe}, {RECIPE_NOTES[recipe]}")
+    if recipe:
+        parser.set_defaults(**RECIPES[recipe])
         args = parser.parse_args(argv)
+        args.recipe = recipe
     return args
+
+
+def machine_recipe(device: str) -> str:
+    """The recipe that suits the --device: the full one on a CUDA GPU, the CPU one elsewhere."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "camvid" if cuda else "camvid-cpu"
 
 
 def check_args(args: argparse.Namespace) -> None:

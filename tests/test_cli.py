@@ -67,6 +67,8 @@ def test_test_json_and_report_match_predicted_masks(trained_run, camvid, tmp_pat
         per_class = {row["class"]: row for row in csv.DictReader(handle)}
     assert int(per_class["Sky"]["pixels"]) == confusion[0].sum()
     assert Image.open(report / "confusion.png").size[0] > 300
+    samples = Image.open(report / "samples.png")  # 3 rows of photo | truth | prediction, then the legend
+    assert samples.size[0] == 3 * 96 and samples.size[1] > 3 * 64
     # Independently: predict.py's colour masks (workers, batches of 2), decoded and scored against the truth.
     masks = tmp_path / "masks"
     run_cli("predict.py", "--weights", weights, "--input", str(camvid / "test"), "--out", str(masks), "--overlay",

@@ -117,11 +117,17 @@ def test_bench_quick_writes_json_with_every_key(tmp_path, capsys):
     root = write_camvid(tmp_path / "CamVid", {"train": 4, "val": 3})
     report = tmp_path / "bench.json"
     args = bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--data-root", str(root),
-                                               "--json", str(report)])
+                                               "--json", str(report), "--backbones", "resnet18,mobilenet_v3_large"])
     with torch.random.fork_rng():
         result = bench.main(args)
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-1]) == json.loads(report.read_text()) == result
+    assert list(result["backbones"]) == ["resnet18", "mobilenet_v3_large"]
+    for name, row in result["backbones"].items():
+        assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["params_m"] > 1, name
+        assert any(line.startswith(name) and line.split()[-1] == f"{row['params_m']:.1f}M" for line in printed)
+    assert result["backbones"]["mobilenet_v3_large"]["fc_width"] == 1280
+    assert result["backbones"]["resnet18"]["fc_width"] is None
     assert REQUIRED_KEYS <= set(result)
     assert result["device"] == "cpu" and result["mfu"] is None and result["quick"] is True
     assert result["train_size"] == result["infer_size"] == [32, 64] and result["train_batch"] == 1
@@ -133,6 +139,7 @@ def test_bench_quick_writes_json_with_every_key(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--train-batch", "0"], "--train-batch: expected a positive integer"),
+    (["--backbones", "resnet18,resnet9"], "--backbones: unknown resnet9; expected all, none or some of vgg16,"),
     (["--train-size", "16", "96"], "--train-size: expected at least 32"),
     (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
     (["--data-root", "/nonexistent/CamVid", "--device", "cpu"], "folder not found"),

@@ -21,6 +21,20 @@ def test_recipe_sets_defaults_and_explicit_flags_win():
     assert train.parse_args([]).optimizer == "adam"
 
 
+@pytest.mark.parametrize("cuda, flags, recipe", [
+    (False, [], "camvid-cpu"), (True, [], "camvid"), (True, ["--device", "cpu"], "camvid-cpu"),
+    (False, ["--device", "cuda"], "camvid")])
+def test_recipe_auto_fits_the_machine(monkeypatch, capsys, cuda, flags, recipe):
+    """--recipe auto: the full recipe where the device is a CUDA GPU, the CPU recipe elsewhere, said in one line;
+    the chosen recipe's defaults apply and explicit flags still win."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = train.parse_args(["--recipe", "auto", *flags, "--eval-every", "3"])
+    assert args.recipe == recipe and args.eval_every == 3
+    expected = train.parse_args(["--recipe", recipe, *flags, "--eval-every", "3"])
+    assert vars(args) == vars(expected)
+    assert capsys.readouterr().out.startswith(f"--recipe auto: {recipe}, ")
+
+
 def test_a_misspelt_recipe_key_is_an_error_naming_it(monkeypatch):
     monkeypatch.setitem(train.RECIPES, "camvid", {**train.RECIPES["camvid"], "warmup_epoch": 5})
     with pytest.raises(ValueError, match=r"RECIPES\['camvid'\]: warmup_epoch is not a train.py option"):

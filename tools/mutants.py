@@ -42,6 +42,7 @@ DOWNLOAD = ("tests/test_download.py",)
 SCALE = ("tests/test_inference.py", "-k", "training_scale or dispatches")
 ACCUM = ("tests/test_accumulation.py",)
 BUDGET = ("tests/test_budget.py",)
+BACKBONES = ("tests/test_backbones.py", "-k", "not goes_through")
 BUDGET_SIM = ("tests/test_budget.py", "-k", "simulated")
 MUTANTS = [
     # metrics
@@ -255,6 +256,24 @@ MUTANTS = [
            RESUME),
     Mutant("bn-buffers-not-synced", "train.py", "            torch.distributed.broadcast(buffer, src=0)\n",
            "            pass\n", ("tests/test_distributed.py", "-k", "gloo")),
+    # backbones: each wiring of the FCN head onto a classifier
+    Mutant("resnet-skip-from-layer1", "fcn.py", 'RESNET = Backbone(("layer2", "layer3", "layer4"), None)',
+           'RESNET = Backbone(("layer1", "layer3", "layer4"), None)', BACKBONES),
+    Mutant("mobilenet-skip-not-the-deepest-block", "fcn.py", '("features.6", "features.12", "features.16")',
+           '("features.5", "features.12", "features.16")', BACKBONES),
+    Mutant("vgg-skips-from-pool2-and-pool3", "fcn.py", "return pools[2], pools[3], pools[4]",
+           "return pools[1], pools[2], pools[4]", BACKBONES),
+    Mutant("upsampler-not-bilinear", "fcn.py", "        layer.weight.copy_(bilinear_kernel(channels, channels, 2 * stride))\n",
+           "        nn.init.normal_(layer.weight, std=0.01)\n", BACKBONES),
+    Mutant("stride-16-skip-dropped", "fcn.py", 'score = self.upscore2(score) + self.score_pool4(features["16"])',
+           "score = self.upscore2(score)", BACKBONES),
+    Mutant("score-layers-not-zero", "fcn.py", "    nn.init.zeros_(layer.weight)\n", "", BACKBONES),
+    Mutant("pretrained-hidden-layers-not-copied", "fcn.py",
+           "    return f\"{sources[layer]}.{kind}\" if layer in sources else None",
+           "    return None", ("tests/test_backbones.py", "-k", "pretrained")),
+    Mutant("pretrained-accepts-extra-keys", "fcn.py",
+           '    problems += [f"unexpected {key}" for key in state if key not in expected]\n', "",
+           ("tests/test_backbones.py", "-k", "pretrained")),
 ]
 
 
