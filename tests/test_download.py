@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cfg
 import dataset
+import train
 from cfg import UserError
 from conftest import run
 from dataset import CAMVID_PAIRS
@@ -202,3 +204,26 @@ def test_real_data_tests_use_camvid_where_the_readme_puts_it(tmp_path, monkeypat
     assert conftest.real_camvid() == str(tmp_path / "data" / "CamVid")
     monkeypatch.setenv("CAMVID_ROOT", "/elsewhere/CamVid")
     assert conftest.real_camvid() == "/elsewhere/CamVid"
+
+
+def test_the_readme_quick_start_on_a_cpu_machine_offline(tmp_path, monkeypatch, network, capsys):
+    """The README's main command, with CamVid in data/CamVid, no network and no CUDA: the download step leaves the
+    data as it is and the trainer starts the one-hour CPU recipe on that data, saying so."""
+    readme = (cfg.REPO_ROOT / "README.md").read_text()
+    command = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
+    install, download_step, train_step = command.split(" && ")
+    assert install == "pip install -r requirements.txt"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAMVID_ROOT", raising=False)
+    root = write_copy(tmp_path / "data" / "CamVid", {**CAMVID_PAIRS, "test": 4})
+    before = tree(root)
+    script, *argv = download_step.split()[1:]
+    assert script == "dataset.py"
+    dataset.main(dataset.get_args_parser().parse_args(argv))
+    assert network == [] and tree(root) == before
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    script, *argv = train_step.split()[1:]
+    assert script == "train.py"
+    args = train.parse_args(argv)
+    assert (args.recipe, args.time_budget, Path(args.data_root).resolve()) == ("camvid-cpu", "60m", root.resolve())
+    assert "--recipe auto: camvid-cpu" in capsys.readouterr().out

@@ -35,6 +35,15 @@ def test_recipe_auto_fits_the_machine(monkeypatch, capsys, cuda, flags, recipe):
     assert capsys.readouterr().out.startswith(f"--recipe auto: {recipe}, ")
 
 
+def test_the_docs_list_exactly_the_cpu_recipe():
+    """docs/training.md's camvid-cpu row: `camvid`, then the flags that turn it into camvid-cpu, all of them."""
+    row = next(line for line in (cfg.REPO_ROOT / "docs" / "training.md").read_text().splitlines()
+               if line.startswith("| `camvid-cpu` |"))
+    flags = row.split("`camvid`, then `")[1].split("`")[0].split()
+    documented = vars(train.parse_args(["--recipe", "camvid", *flags])) | {"recipe": "camvid-cpu"}
+    assert documented == vars(train.parse_args(["--recipe", "camvid-cpu"]))
+
+
 def test_a_misspelt_recipe_key_is_an_error_naming_it(monkeypatch):
     monkeypatch.setitem(train.RECIPES, "camvid", {**train.RECIPES["camvid"], "warmup_epoch": 5})
     with pytest.raises(ValueError, match=r"RECIPES\['camvid'\]: warmup_epoch is not a train.py option"):

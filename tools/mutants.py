@@ -274,6 +274,11 @@ MUTANTS = [
     Mutant("pretrained-accepts-extra-keys", "fcn.py",
            '    problems += [f"unexpected {key}" for key in state if key not in expected]\n', "",
            ("tests/test_backbones.py", "-k", "pretrained")),
+    # the CPU recipe as the docs and the README's main command promise it
+    Mutant("cpu-recipe-differs-from-its-docs", "train.py", 'lr=0.1, warmup_epochs=2, epochs=1000',
+           'lr=0.05, warmup_epochs=2, epochs=1000', ("tests/test_recipe.py", "-k", "docs_list")),
+    Mutant("auto-recipe-is-the-gpu-one-on-a-cpu", "train.py", 'return "camvid" if cuda else "camvid-cpu"',
+           'return "camvid"', ("tests/test_download.py", "-k", "quick_start")),
 ]
 
 
