@@ -181,7 +181,7 @@ def main(args: argparse.Namespace) -> Path:
     state = run_folder.load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict, args.weights)
     model = inference.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
-    downscale = inference.parse_downscale(inference.trained_downscale(state), args.weights)
+    downscale = inference.trained_downscale(state, args.weights)
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.
     run_folder.atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))

@@ -48,12 +48,12 @@ def load_model(weights: str | Path, class_dict: str | Path | None, device: torch
     state = load_checkpoint(weights)
     table = trained_table(saved_table(state), class_dict, fallback, weights)
     model = model_from_checkpoint(state, table, weights).to(device).eval()
-    return Trained(model, table, parse_downscale(trained_downscale(state), weights))
+    return Trained(model, table, trained_downscale(state, weights))
 
 
-def trained_downscale(state: dict) -> float:
-    """train.py's --downscale saved in a checkpoint's configuration; 1 for checkpoints without it."""
-    return state.get("config", {}).get("train", {}).get("downscale") or 1.0
+def trained_downscale(state: dict, source: str | Path) -> float:
+    """train.py's --downscale saved in a checkpoint's configuration (1 for checkpoints without it), checked."""
+    return parse_downscale(state.get("config", {}).get("train", {}).get("downscale") or 1.0, source)
 
 
 def parse_downscale(value: object, source: str | Path) -> float:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from cfg import UserError
 from dataset import ClassTable, colorize
@@ -121,7 +121,6 @@ def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Ten
 
 def legend(table: ClassTable, width: int) -> np.ndarray:
     """H×width×3 uint8: a swatch and the name of each class (and void), wrapped into as many lines as needed."""
-    from PIL import ImageDraw
     entries = list(zip(table.names, table.colors.tolist()))
     if len(table.void_colors):
         entries.append(("void", table.void_colors[0].tolist()))

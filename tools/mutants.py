@@ -226,7 +226,7 @@ MUTANTS = [
            "return scale if scale is not None else downscale / self.downscale",
            "return scale if scale is not None else 1.0", SCALE),
     Mutant("training-scale-not-read", "inference.py",
-           'return state.get("config", {}).get("train", {}).get("downscale") or 1.0', "return 1.0", SCALE),
+           'state.get("config", {}).get("train", {}).get("downscale") or 1.0', "1.0", SCALE),
     Mutant("onnx-training-scale-not-read", "inference.py",
            'parse_downscale(model.metadata.get("downscale", 1.0), weights)', "1.0", SCALE),
     Mutant("predict-ignores-the-training-scale", "predict.py", "trained.input_scale(scale=args.scale)",
