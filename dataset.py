@@ -349,19 +349,43 @@ def find_pairs(root: str | Path, split: str) -> list[Pair]:
     return pairs
 
 
+def parse_splits(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'train,val' (or a list of names) -> ('train', 'val'); a split named twice or none at all is an error."""
+    splits = tuple(part.strip() for part in text.split(",")) if isinstance(text, str) else tuple(text)
+    if not splits or "" in splits or len(set(splits)) != len(splits):
+        raise UserError(f"splits '{text}': expected distinct names separated by commas, e.g. train,val")
+    return splits
+
+
+def find_split_pairs(root: str | Path, splits: Sequence[str], limit: int | None = None) -> list[Pair]:
+    """The pairs of several splits, each paired by stem and cut to its first `limit` stems; one stem in two
+    splits is an error (the same photo would be trained on twice)."""
+    pairs, seen = [], {}
+    for split in splits:
+        for pair in find_pairs(root, split)[:limit]:
+            if pair[0] in seen:
+                raise UserError(f"{pair[1]}: stem '{pair[0]}' is also in split {seen[pair[0]]}")
+            seen[pair[0]] = split
+            pairs.append(pair)
+    return pairs
+
+
 # A sample is (3×H×W uint8 image, H×W uint8 labels) tensors; a joint transform maps one to another.
 Sample = tuple[torch.Tensor, torch.Tensor]
 JointTransform = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], Sample]
 
 
 class CamVidDataset(Dataset):
-    """CamVid split: lists pairs in __init__, decodes in __getitem__; items are (3×H×W uint8, H×W uint8)."""
+    """A CamVid split, or several ('train,val'): lists pairs in __init__ (one class table for all), decodes in
+    __getitem__; items are (3×H×W uint8, H×W uint8)."""
 
-    def __init__(self, root: str | Path, split: str, table: ClassTable,
+    def __init__(self, root: str | Path, split: str | Sequence[str], table: ClassTable,
                  transform: JointTransform | None = None, limit: int | None = None,
                  label_cache: LabelCache | None = None):
-        self.root, self.split, self.transform = Path(root), split, transform
-        self.pairs = find_pairs(root, split)[:limit]
+        self.root, self.transform = Path(root), transform
+        self.splits = parse_splits(split)
+        self.split = ",".join(self.splits)
+        self.pairs = find_split_pairs(root, self.splits, limit)
         self.encoder = MaskEncoder(table)
         self.label_cache = label_cache
         self.cache: list[Sample] | None = None

@@ -174,8 +174,10 @@ class FCN(nn.Module):
         self.backbone.train()
         return {stride: features[str(stride)].shape[1] for stride in STRIDES}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×H×W -> N×C×H×W logits for any H, W ≥ 32 (padded to a multiple of 32 inside)."""
+    def forward(self, images: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """N×3×H×W -> N×C×H×W logits for any H, W ≥ 32 (padded to a multiple of 32 inside). With `aux` (deep
+        supervision while training) also the coarser outputs FCN-8s fuses, the stride-32 scores and (FCN-8s)
+        the stride-16 fused scores, each upsampled bilinearly to H×W."""
         height, width = images.shape[-2:]
         if min(height, width) < cfg.MIN_INPUT_SIDE:
             raise ValueError(f"input {height}x{width} is smaller than {cfg.MIN_INPUT_SIDE}x{cfg.MIN_INPUT_SIDE}")
@@ -187,14 +189,26 @@ class FCN(nn.Module):
         if hasattr(self, "fc7"):
             x = self.drop7(self.act7(self.fc7(x)))
         score = self.score_fr(x)
+        coarse = []
         if self.config.variant != "fcn32s":
+            coarse.append(score)
             score = self.upscore2(score) + self.score_pool4(features["16"])
         if self.config.variant == "fcn8s":
+            coarse.append(score)
             score = self.upscore_pool4(score) + self.score_pool3(features["8"])
-        logits = self.upscore(score)
-        # Cropped by negative padding, whose output size is height x width as an expression: a slice would make
-        # torch.export guard on whether the input needed padding, and the ONNX graph keep only that case.
-        return F.pad(logits, (0, width - logits.shape[-1], 0, height - logits.shape[-2]))
+        logits = crop_to(self.upscore(score), height, width)
+        if not aux:
+            return logits
+        padded = images.shape[-2] + -height % 32, images.shape[-1] + -width % 32
+        return logits, [crop_to(F.interpolate(scores, size=padded, mode="bilinear", align_corners=False), height, width)
+                        for scores in coarse]
+
+
+def crop_to(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left height × width of the logits of a padded input. Cropped by negative padding, whose output size
+    is height x width as an expression: a slice would make torch.export guard on whether the input needed
+    padding, and the ONNX graph keep only that case."""
+    return F.pad(logits, (0, width - logits.shape[-1], 0, height - logits.shape[-2]))
 
 
 def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

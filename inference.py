@@ -28,6 +28,7 @@ class Trained(NamedTuple):
     model: nn.Module
     table: ClassTable
     downscale: float
+    train_splits: tuple[str, ...] = ("train",)  # the splits it was trained on (train.py --train-splits)
 
     def input_scale(self, downscale: float = 1.0, scale: float | None = None) -> float:
         """The factor the model's input is resized by: `scale` when given, else the one that brings images
@@ -48,7 +49,8 @@ def load_model(weights: str | Path, class_dict: str | Path | None, device: torch
     state = load_checkpoint(weights)
     table = trained_table(saved_table(state), class_dict, fallback, weights)
     model = model_from_checkpoint(state, table, weights).to(device).eval()
-    return Trained(model, table, trained_downscale(state, weights))
+    splits = state.get("config", {}).get("train", {}).get("train_splits") or "train"
+    return Trained(model, table, trained_downscale(state, weights), tuple(splits.split(",")))
 
 
 def trained_downscale(state: dict, source: str | Path) -> float:

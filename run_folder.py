@@ -143,11 +143,13 @@ def legend(table: ClassTable, width: int) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def run_results(history: list[dict], config: dict, device: str, command: str) -> dict:
-    """results.json of a run: the best val epoch's metrics (null before the first validation) and how the
-    run was made. wall_s sums the epochs' own time, start-up excluded."""
+def run_results(history: list[dict], config: dict, device: str, command: str, last: bool = False) -> dict:
+    """results.json of a run: the metrics of the best val epoch (with `last`, of the last validated one: the
+    epoch best.pth holds; null before the first validation) and how the run was made. wall_s sums the epochs'
+    own time, start-up excluded."""
     validated = [row for row in history if row["val_miou"] is not None]
-    best = max(validated, key=lambda row: row["val_miou"]) if validated else {}
+    pick = (lambda rows: rows[-1]) if last else (lambda rows: max(rows, key=lambda row: row["val_miou"]))
+    best = pick(validated) if validated else {}
     train = config.get("train", {})
     return {"split": "val", "miou": best.get("val_miou"), "pixel_accuracy": best.get("val_pa"),
             "mean_pixel_accuracy": best.get("val_mpa"),
@@ -176,12 +178,13 @@ class Progress:
 
 
 def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
-                     progress: Progress, config: dict, table: ClassTable) -> dict:
-    """last.pth: everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress."""
+                     progress: Progress, config: dict, table: ClassTable, average: dict | None = None) -> dict:
+    """last.pth: everything --resume needs; `epoch` counts completed epochs, `partial_epoch` the one in progress,
+    `ema` the weight average (--ema) that best.pth holds."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": progress.epoch, "best_miou": progress.best_miou,
             "config": config, "history": progress.history, "partial_epoch": dict(progress.partial),
-            "budget": progress.budget, **class_entries(table)}
+            "budget": progress.budget, "ema": average, **class_entries(table)}
 
 
 def class_entries(table: ClassTable) -> dict:

@@ -117,7 +117,7 @@ class Scoring:
 
 
 def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace, images: int,
-                scoring: Scoring) -> dict:
+                scoring: Scoring, trained_splits: tuple[str, ...]) -> dict:
     """What --json writes: the metrics, the confusion matrix and how they were made."""
     return {"pixel_accuracy": metrics["pixel_accuracy"], "mean_pixel_accuracy": metrics["mean_pixel_accuracy"],
             "miou": metrics["miou"], "fwiou": metrics["fwiou"], "iou": dict(zip(names, metrics["iou"])),
@@ -125,7 +125,7 @@ def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace,
             "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
             "tta": inference.parse_tta(args.tta).to_dict(), "label_size": list(scoring.label_size),
             "scale": scoring.scale, "downscale": args.downscale, "weights": str(args.weights),
-            "precision": metrics["precision"]}
+            "precision": metrics["precision"], "held_out": args.split not in trained_splits}
 
 
 def scoring_of(trained: inference.Trained, dataset: CamVidDataset, args: argparse.Namespace) -> Scoring:
@@ -157,13 +157,16 @@ def main(args: argparse.Namespace) -> dict:
     metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else devices.precision_name(amp)
     print(scoring.describe(args.split, len(dataset), args.crop) + (f", TTA {args.tta}" if tta.enabled else "")
           + f", {metrics['precision']}")
+    if args.split in trained.train_splits:
+        print(f"{args.weights} was trained on {args.split} (--train-splits {','.join(trained.train_splits)}): "
+              "these scores are not held out")
     print(report(metrics, table.names))
     if args.report:
         write_report(args.report, metrics, table.names)
         runner = inference.Runner(model, device, amp, args.channels_last, scoring.scale, tta)
         run_folder.write_samples(*inference.sample_predictions(runner, dataset), table, args.report / "samples.png")
     if args.json:
-        result = json_result(metrics, table.names, args, len(dataset), scoring)
+        result = json_result(metrics, table.names, args, len(dataset), scoring, trained.train_splits)
         run_folder.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return metrics
 

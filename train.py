@@ -29,10 +29,12 @@ import run_folder
 from budget import Budget, BudgetTooSmall, Schedule, format_duration
 from cfg import UserError
 from dataset import (CamVidDataset, ClassTable, SeededSampler, ShardSampler, add_label_cache_args,
-                     check_data_root, label_cache_from_args, normalize_batch,
+                     check_data_root, label_cache_from_args, normalize_batch, parse_splits,
                      resolve_class_dict)
 from fcn import BACKBONES, FCN, VARIANTS, FCNConfig, check_pretrainable, load_pretrained, upgrade_state_dict
 from devices import unwrap, wrappers
+from engine.ema import WeightAverage
+from engine.loss import SegmentationLoss, class_weights, nonzero
 from run_folder import set_times
 from transforms import eval_transform, train_transform
 
@@ -93,6 +95,8 @@ class Loop:
     accum_steps: int = 1  # batches per optimizer step
     budget: Budget | None = None  # --time-budget: rank 0 plans, every rank follows the agreed plan
     pace: Pace = field(default_factory=Pace)
+    aux_weight: float = 0.0  # deep supervision: the weight of each coarser output's loss
+    average: WeightAverage | None = None  # --ema: updated after every optimizer step
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,52 +104,6 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, loop: Loop) -> tuple[t
     images = images.to(loop.device, non_blocking=True)
     labels = labels.to(loop.device, non_blocking=True)
     return normalize_batch(images, loop.channels_last), labels.long()
-
-
-class SegmentationLoss(nn.Module):
-    """Cross-entropy ignoring void, optionally class-weighted and/or with online hard-pixel mining.
-
-    The loss is a sum over pixels divided by a denominator that depends on the labels alone (the labelled
-    pixels' class weights, or with mining the kept pixels' count), so K accumulated batches that share the
-    denominator of their union give the gradient of one batch K times larger, void pixels or not."""
-
-    def __init__(self, weight: torch.Tensor | None = None, ohem_fraction: float = 0.0):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ohem_fraction = ohem_fraction
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.total(logits, labels) / nonzero(self.denominator(labels))
-
-    def total(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The summed (weighted) per-pixel loss; void pixels add 0."""
-        losses = F.cross_entropy(logits, labels, weight=self.weight, ignore_index=cfg.IGNORE_INDEX,
-                                 reduction="none")
-        if self.ohem_fraction <= 0:
-            return losses.sum()
-        # Keep the hardest fraction of pixels; topk with a fixed k needs no host sync. Void pixels
-        # have loss 0, so they sort last and are left out of the count (see denominator).
-        return losses.flatten().topk(self.kept(labels)).values.sum()
-
-    def denominator(self, labels: torch.Tensor) -> torch.Tensor:
-        """What the mean divides by: the class weights of the labelled pixels (their count when unweighted),
-        with mining the count of kept labelled pixels. 0 for an all-void batch."""
-        labelled = labels != cfg.IGNORE_INDEX
-        if self.ohem_fraction > 0:
-            return labelled.sum().clamp(max=self.kept(labels)).float()
-        if self.weight is None:
-            return labelled.sum().float()
-        # Indexing with a clamped label instead of a boolean mask: no host sync on CUDA
-        return torch.where(labelled, self.weight[labels.clamp(max=len(self.weight) - 1)], 0).sum()
-
-    def kept(self, labels: torch.Tensor) -> int:
-        """How many pixels hard-pixel mining keeps in a batch."""
-        return max(1, int(labels.numel() * self.ohem_fraction))
-
-
-def nonzero(denominator: torch.Tensor) -> torch.Tensor:
-    """A denominator safe to divide by: an all-void batch has a zero loss sum and must add 0, not NaN."""
-    return denominator.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -266,21 +224,24 @@ def accumulation_step(model: nn.Module, batches: list[tuple[torch.Tensor, torch.
         last = index == len(batches) - 1
         loss += backward(model, images, labels, scaler, loss_fn, loop, denominator, sync=last)
     optimizer_step(model, optimizer, scaler, loop)
+    if loop.average is not None:
+        loop.average.update()
     return loss
 
 
 def backward(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, scaler: torch.amp.GradScaler,
              loss_fn: nn.Module, loop: Loop, denominator: torch.Tensor, sync: bool = True) -> torch.Tensor:
-    """Forward under autocast and backward through the scaler, adding into .grad; the detached loss share.
-    Under DDP only a `sync` backward all-reduces (then the gradients accumulated so far as well)."""
+    """Forward under autocast and backward through the scaler, adding into .grad; the detached loss share of the
+    final output (deep supervision's coarser outputs add to the gradient only). Under DDP only a `sync` backward
+    all-reduces (then the gradients accumulated so far as well)."""
     if loop.compile:  # compile for any batch size at once: the last, smaller batch must not recompile
         torch._dynamo.maybe_mark_dynamic(images, 0)
     with gradient_sync(model, sync):
         with devices.autocast(loop.device, loop.amp):
-            logits = model(images)
-        loss = loss_fn.total(logits.float(), labels) / denominator  # the loss in fp32, whatever autocast ran
-        scaler.scale(loss).backward()
-    return loss.detach()
+            output = model(images, aux=True) if loop.aux_weight > 0 else model(images)
+        total, loss = loss_fn.supervised(output, labels, loop.aux_weight)  # in fp32, whatever autocast ran
+        scaler.scale(total / denominator).backward()
+    return loss.detach() / denominator
 
 
 def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -320,25 +281,6 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, loop: Loop)
     """Val metrics through the project's one inference path, the one test.py scores with: a confusion matrix
     over the whole split, the mean per-pixel loss."""
     return inference.evaluate(model, loader, num_classes, loop.device, loop.amp, loop.channels_last)
-
-
-def median_frequency_weights(dataset: CamVidDataset, num_classes: int, cache: Path | None) -> torch.Tensor:
-    """SegNet's median-frequency balancing: weight_c = median(freq) / freq_c, where freq_c is the pixel
-    count of c over the pixels of the images that contain c. Cached as JSON beside the run."""
-    if cache is not None and cache.is_file():
-        return torch.tensor(json.loads(cache.read_text())["weights"])
-    pixels, image_pixels = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes, dtype=torch.float64)
-    for index in range(len(dataset)):
-        labels = dataset.load(index)[1].long()
-        counts = torch.bincount(labels[labels != cfg.IGNORE_INDEX], minlength=num_classes)[:num_classes].double()
-        pixels += counts
-        image_pixels += (counts > 0) * labels.numel()
-    frequency = pixels / image_pixels.clamp(min=1)
-    present = frequency > 0
-    weights = torch.where(present, frequency[present].median() / frequency.clamp(min=1e-12), torch.zeros(()))
-    if cache is not None:  # atomic: other ranks may read it while rank 0 writes
-        run_folder.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps({"weights": weights.tolist()})))
-    return weights.float()
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
@@ -386,7 +328,7 @@ def build_loaders(args: argparse.Namespace, table: ClassTable, loop: Loop) -> tu
     crop = tuple(args.crop_size)
     augment = train_transform(crop, args.scale, args.random_crop, args.flip, args.jitter, args.downscale)
     labels = label_cache_from_args(args)
-    train_set = CamVidDataset(args.data_root, "train", table, augment, args.limit, label_cache=labels)
+    train_set = CamVidDataset(args.data_root, args.train_splits, table, augment, args.limit, label_cache=labels)
     val_crop = eval_transform(crop if args.val_crop else None, args.downscale)
     val_set = CamVidDataset(args.data_root, "val", table, val_crop, args.limit, label_cache=labels)
     if args.cache:
@@ -471,32 +413,48 @@ class Run:
         """The configuration checkpoints and results.json record."""
         return run_folder.run_config(unwrap(self.model).config.to_dict(), self.args, self.loop.dist.world_size)
 
+    @property
+    def keep_last(self) -> bool:
+        """Whether best.pth is the latest epoch rather than the best validated one (--best, resolved)."""
+        return best_is_last(self.args)
+
+    def inference_model(self) -> FCN:
+        """The model that is validated and saved as best.pth: the weight average with --ema, else the trained one."""
+        return self.loop.average.model if self.loop.average is not None else unwrap(self.model)
+
+
+def best_is_last(args: argparse.Namespace) -> bool:
+    """--best auto: the last epoch when val is trained on (its scores then choose nothing), else the best on val."""
+    return args.best == "last" or (args.best == "auto" and "val" in parse_splits(args.train_splits))
+
 
 def val_samples(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to 3 val images spread over the split, their labels and the model's prediction."""
     loop = run.loop
-    runner = inference.Runner(unwrap(run.model), loop.device, loop.amp, loop.channels_last)
+    runner = inference.Runner(run.inference_model(), loop.device, loop.amp, loop.channels_last)
     return inference.sample_predictions(runner, run.val_loader.dataset)
 
 
 def validate(run: Run) -> dict:
-    """Val metrics of the model every rank holds."""
-    sync_buffers(unwrap(run.model), run.loop.dist)
+    """Val metrics of the model every rank holds (the weight average with --ema)."""
+    sync_buffers(run.inference_model(), run.loop.dist)
     # Eager and without DDP: no gradients to synchronise, and no second compiled graph (eval mode) to build.
-    return evaluate(unwrap(run.model), run.val_loader, run.table.num_classes, run.loop)
+    return evaluate(run.inference_model(), run.val_loader, run.table.num_classes, run.loop)
 
 
 def end_of_epoch(run: Run, epoch: int, metrics: dict | None, val_seconds: float, final: bool) -> None:
     """Log every epoch; checkpoint, plot and draw samples when the folder's cadence says so (always at the last
-    epoch and at a budget's measured one, whose write it times). best.pth is judged on validated epochs only;
-    rank 0 alone writes files."""
+    epoch and at a budget's measured one, whose write it times). best.pth is judged on validated epochs only,
+    or is the latest epoch (--best last); rank 0 alone writes files."""
     started, main, budget = time.perf_counter(), run.loop.dist.is_main, run.loop.budget
     train_loss = run.done["loss_sum"] / max(1, run.done["count"])
     row = run_folder.history_row(epoch, run.optimizer.param_groups[0]["lr"], train_loss, metrics, run.table.names)
     run.history.append(row)
-    if metrics is not None and metrics["miou"] > run.best_miou:
+    improved = metrics is not None and metrics["miou"] > run.best_miou
+    if improved:
         run.best_miou = metrics["miou"]
-        run.folder.best = (run_folder.best_state(unwrap(run.model), run.config(), epoch, metrics,
+    if improved or run.keep_last:
+        run.folder.best = (run_folder.best_state(run.inference_model(), run.config(), epoch, metrics,
                                                  devices.precision_name(run.loop.amp), run.table) if main else None)
     train_seconds, run.done = run.done["train_seconds"], fresh_progress()
     if not main:
@@ -522,8 +480,9 @@ def save(run: Run, epoch: int, samples: tuple | None = None, background: bool = 
     folder. Returns the samples drawn."""
     progress = run_folder.Progress(epoch, run.best_miou, run.history, run.done,
                                    run.loop.budget.state() if run.loop.budget else None)
+    average = run.loop.average.state_dict() if run.loop.average is not None else None
     run.folder.write_checkpoints(run_folder.checkpoint_state(unwrap(run.model), run.optimizer, run.scheduler,
-                                                             run.scaler, progress, run.config(), run.table),
+                                                             run.scaler, progress, run.config(), run.table, average),
                                  background)
     if run.history:
         run_folder.plot_curves(run.history, run.args.out / "curves.png")
@@ -581,7 +540,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup-epochs", type=int, default=0, help="linear learning-rate warm-up before the schedule")
     add("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     add("--class-weights", default="none", choices=("none", "median-freq"),
-        help="median-freq: SegNet's median-frequency balancing, from the train masks")
+        help="median-freq: SegNet's median-frequency balancing, from the training masks, capped at --class-weight-cap")
+    add("--class-weight-cap", type=float, default=10.0,
+        help="largest class weight of --class-weights median-freq (0: uncapped), so a class of a few pixels cannot "
+             "dominate the loss")
+    add("--aux-weight", type=float, default=0.0,
+        help="deep supervision: add this weight x the loss of each coarser output (FCN-8s: the stride-32 and "
+             "stride-16 scores, upsampled) to the training loss; inference unchanged (0: off)")
+    add("--ema", type=float, default=0.0, metavar="DECAY",
+        help="validate and save as best.pth an exponential moving average of the weights and BatchNorm "
+             "statistics, e.g. 0.999 (0: off); last.pth keeps both")
     add("--ohem", type=float, default=0.0, help="keep only this fraction of hardest pixels in the loss (0: off)")
     add("--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random scale augmentation range")
     add("--random-crop", action=argparse.BooleanOptionalAction, default=False,
@@ -595,6 +563,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="shrink train and val images by this factor first (4: quarter resolution, as --recipe camvid-cpu); "
              "test.py and predict.py read it from the checkpoint")
     add("--limit", type=int, help="use only the first K images (by stem) of each split")
+    add("--train-splits", default="train",
+        help="the splits to train on, e.g. train,val (as the published test scores do); val is validated anyway")
+    add("--best", default="auto", choices=("auto", "val", "last"),
+        help="what best.pth holds: val, the epoch with the best val MIoU; last, the latest epoch; auto: last when "
+             "--train-splits includes val, else val")
     add("--out", type=Path,
         help="run folder (default: weights/<recipe>, else weights/<model>); a new run never writes into a folder "
              "that holds another run")
@@ -667,6 +640,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr: expected a positive number, got {args.lr}")
     if not 0 <= args.ohem < 1:
         raise UserError(f"--ohem: expected a fraction in [0, 1), got {args.ohem}")
+    check_levers(args)
     if args.scale and not 0 < args.scale[0] <= args.scale[1]:
         raise UserError(f"--scale: expected 0 < MIN <= MAX, got {args.scale}")
     if min(args.crop_size) < cfg.MIN_INPUT_SIDE:
@@ -694,6 +668,29 @@ def check_args(args: argparse.Namespace) -> None:
     check_data_root(args.data_root)
 
 
+def check_levers(args: argparse.Namespace) -> None:
+    """The accuracy options: an EMA decay in [0, 1), deep supervision of a variant with coarser outputs, a
+    weight cap >= 0, and well-formed splits (find_split_pairs checks that they exist)."""
+    if not 0 <= args.ema < 1:
+        raise UserError(f"--ema: expected a decay in [0, 1) such as 0.999 (0: off), got {args.ema}")
+    if args.aux_weight < 0:
+        raise UserError(f"--aux-weight: expected a weight >= 0, got {args.aux_weight}")
+    if args.aux_weight > 0 and args.model == "fcn32s":
+        raise UserError("--aux-weight: fcn32s has no coarser output to supervise; use fcn16s or fcn8s")
+    if args.class_weight_cap < 0:
+        raise UserError(f"--class-weight-cap: expected a weight > 0 (0: uncapped), got {args.class_weight_cap}")
+    parse_splits(args.train_splits)
+
+
+def held_out_line(args: argparse.Namespace) -> str | None:
+    """What a run that trains on val says once: its val scores are not held out, and what best.pth holds."""
+    if "val" not in parse_splits(args.train_splits):
+        return None
+    return (f"--train-splits {args.train_splits}: val is trained on, so its scores are not held out (they are still "
+            "computed, for the curves); best.pth is " + ("the last epoch" if best_is_last(args)
+                                                         else "the best val epoch (--best val)"))
+
+
 def setup(args: argparse.Namespace) -> Run:
     """Wire data, model, optimiser, schedule and (on --resume) the saved state into one Run."""
     check_args(args)
@@ -704,13 +701,17 @@ def setup(args: argparse.Namespace) -> Run:
     if args.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn: SyncBatchNorm runs on CUDA GPUs only (DDP rejects it on the CPU)")
     dist_info, device = devices.init_distributed(device)
+    if dist_info.is_main and held_out_line(args):
+        print(held_out_line(args))
     loop = Loop(device, devices.amp_dtype(device, args.amp), args.channels_last, dist_info,
                 log_every=args.log_every, clip_grad=args.clip_grad, seed=args.seed, compile=bool(args.compile),
-                accum_steps=args.accum_steps)
+                accum_steps=args.accum_steps, aux_weight=args.aux_weight)
     torch.manual_seed(args.seed)
     table = ClassTable.from_csv(args.class_dict)
     resumed = run_folder.load_resume(args, dist_info.world_size) if args.resume else None
     model = place_model(build_model(args, table, resumed), args, loop)
+    if args.ema:  # of the placed model: the average pairs its tensors with the trained ones
+        loop.average = WeightAverage(model, args.ema)
     train_loader, val_loader = build_loaders(args, table, loop)
     optimizer = build_optimizer(model, args, device)
     steps_per_epoch = math.ceil(len(train_loader) / args.accum_steps)
@@ -743,11 +744,12 @@ def place_model(model: FCN, args: argparse.Namespace, loop: Loop) -> FCN:
 
 def build_loss(args: argparse.Namespace, train_set: CamVidDataset, num_classes: int,
                device: torch.device) -> SegmentationLoss:
-    """The training loss, with median-frequency class weights when asked for."""
+    """The training loss, with capped median-frequency class weights when asked for."""
     weight = None
     if args.class_weights == "median-freq":
         args.out.mkdir(parents=True, exist_ok=True)
-        weight = median_frequency_weights(train_set, num_classes, args.out / "class_weights.json")
+        cap = args.class_weight_cap or None
+        weight = class_weights(train_set, num_classes, cap, args.out / "class_weights.json")
     return SegmentationLoss(weight, args.ohem).to(device)
 
 
@@ -797,6 +799,8 @@ def restore(run: Run, state: dict) -> None:
         vars(run.schedule).update(fresh)
     if state["scaler"]:  # empty when saved by a disabled scaler (CPU, bf16): an fp16 run starts a fresh scale
         run.scaler.load_state_dict(state["scaler"])
+    if run.loop.average is not None and state.get("ema"):  # else (--ema added on resume) it starts from here
+        run.loop.average.load_state_dict(state["ema"])
     run.start_epoch = state["epoch"] + 1
     run.best_miou, run.history = state["best_miou"], list(state["history"])
     run.done = {key: state["partial_epoch"].get(key, value) for key, value in fresh_progress().items()}
@@ -957,8 +961,12 @@ def finish(run: Run) -> None:
 def write_results(run: Run, stopped: str | None = None, epoch: int | None = None) -> None:
     """results.json: the best validated epoch's metrics, how the run was made, and whether it completed."""
     command = "python train.py " + " ".join(sys.argv[1:])
-    results = run_folder.run_results(run.history, run.config(), devices.device_name(run.loop.device), command)
-    results.update(completed=stopped is None, precision=devices.precision_name(run.loop.amp))
+    results = run_folder.run_results(run.history, run.config(), devices.device_name(run.loop.device), command,
+                                     last=run.keep_last)
+    splits = parse_splits(run.args.train_splits)
+    results.update(completed=stopped is None, precision=devices.precision_name(run.loop.amp),
+                   train_splits=list(splits), val_held_out="val" not in splits,
+                   best_pth="last epoch" if run.keep_last else "best val epoch", ema=run.args.ema or None)
     if stopped is not None:
         results.update(stop_reason=stopped, stopped_epoch=epoch)
     if run.loop.budget is not None:
@@ -1042,9 +1050,10 @@ def plan_line(run: Run) -> str:
 
 def end_block(run: Run) -> str:
     """How the run ended: best val MIoU and its epoch, wall time, the files and the commands that use them."""
-    out, best = run.args.out, run_folder.run_results(run.history, {}, "", "")
+    out, best = run.args.out, run_folder.run_results(run.history, {}, "", "", last=run.keep_last)
+    which = "last" if run.keep_last else "best"
     lines = [f"run      {len(run.history)} epochs, {format_duration(time_budget.process_age())} in this process; "
-             + (f"best val MIoU {best['miou']:.4f} (epoch {best['best_epoch']})" if best["miou"] is not None
+             + (f"{which} val MIoU {best['miou']:.4f} (epoch {best['best_epoch']})" if best["miou"] is not None
                 else "not validated yet")]
     if run.loop.budget is not None:
         budget = run.loop.budget

@@ -114,12 +114,12 @@ def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
     fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or graph,
                                  metadata_table=lambda metadata: None, check_classes=lambda *args: None)
     monkeypatch.setitem(sys.modules, "onnx_backend", fake)
-    model, table, downscale = inference.load_model("model.onnx", None, torch.device("cpu"))
+    model, table, downscale, _ = inference.load_model("model.onnx", None, torch.device("cpu"))
     assert model is graph and table.names == TABLE.names  # no class table in the metadata: data/class_dict.csv
     assert calls == [("model.onnx", None, torch.device("cpu"))] and downscale == 1.0
     graph.metadata["downscale"] = "4.0"  # what export.py writes for a --downscale 4 checkpoint
     assert inference.load_model("model.onnx", None, torch.device("cpu")).downscale == 4.0
-    loaded, table, _ = inference.load_model(weights, None, torch.device("cpu"))
+    loaded, table, _, _ = inference.load_model(weights, None, torch.device("cpu"))
     assert isinstance(loaded, FCN) and not loaded.training and table.names == TABLE.names
 
 

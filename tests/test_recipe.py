@@ -9,6 +9,7 @@ import run_folder
 import train
 import transforms
 from conftest import SMALL_TRAIN
+from engine.loss import class_weights, median_frequency_weights
 from fcn import FCN, FCNConfig, bilinear_kernel
 
 V = cfg.IGNORE_INDEX
@@ -92,9 +93,10 @@ def test_median_frequency_weights_by_hand(tmp_path):
     #   class 3: absent                          -> weight 0
     # median(3/4, 3/8, 1/4) = 3/8 -> weights 1/2, 1, 3/2, 0
     dataset = Masks([[0, 0], [0, 1]], [[1, 1], [2, V]])
-    weights = train.median_frequency_weights(dataset, 4, tmp_path / "w.json")
+    weights = median_frequency_weights(dataset, 4)
     assert weights.tolist() == pytest.approx([0.5, 1.0, 1.5, 0.0])
-    assert train.median_frequency_weights(Masks(), 4, tmp_path / "w.json").tolist() == weights.tolist()  # cached
+    assert class_weights(dataset, 4, None, tmp_path / "w.json").tolist() == weights.tolist()
+    assert class_weights(Masks(), 4, None, tmp_path / "w.json").tolist() == weights.tolist()  # cached: no mask read
 
 
 def test_poly_schedule_with_warmup():
@@ -227,8 +229,8 @@ def test_recipe_augmentation_reaches_the_train_set(recipe_run, plain_run):
 
 def test_loss_val_crop_and_cache_flags_reach_setup(recipe_run, plain_run, camvid):
     loss = recipe_run.loss_fn
-    expected = train.median_frequency_weights(train.CamVidDataset(camvid, "train", train.ClassTable.from_csv(
-        cfg.DEFAULT_CLASS_DICT)), 11, None)
+    expected = median_frequency_weights(train.CamVidDataset(camvid, "train", train.ClassTable.from_csv(
+        cfg.DEFAULT_CLASS_DICT)), 11).clamp(max=10.0)  # --class-weight-cap's default
     assert loss.ohem_fraction == 0.25 and torch.allclose(loss.weight, expected)
     assert plain_run.loss_fn.weight is None and plain_run.loss_fn.ohem_fraction == 0
     assert recipe_run.val_loader.dataset[0][0].shape == (3, 32, 32)  # --val-crop: the training crop

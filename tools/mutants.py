@@ -44,6 +44,7 @@ ACCUM = ("tests/test_accumulation.py",)
 BUDGET = ("tests/test_budget.py",)
 BACKBONES = ("tests/test_backbones.py", "-k", "not goes_through")
 BUDGET_SIM = ("tests/test_budget.py", "-k", "simulated")
+LEVERS = ("tests/test_levers.py",)
 MUTANTS = [
     # metrics
     Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(scores.argmax(1), labels)\n",
@@ -112,10 +113,10 @@ MUTANTS = [
     Mutant("weight-decay-ignored", "train.py", '"weight_decay": weight_decay if decay else 0.0}',
            '"weight_decay": 0.0}', RECIPE),
     Mutant("clip-grad-ignored", "train.py", "    if loop.clip_grad > 0:\n", "    if loop.clip_grad < 0:\n", RECIPE),
-    Mutant("ohem-ignored", "train.py", "        if self.ohem_fraction <= 0:\n", "        if True:\n", RECIPE),
-    Mutant("ohem-divides-by-k", "train.py", "return labelled.sum().clamp(max=self.kept(labels)).float()",
+    Mutant("ohem-ignored", "engine/loss.py", "        if self.ohem_fraction <= 0:\n", "        if True:\n", RECIPE),
+    Mutant("ohem-divides-by-k", "engine/loss.py", "return labelled.sum().clamp(max=self.kept(labels)).float()",
            "return torch.tensor(float(self.kept(labels)))", RECIPE),
-    Mutant("median-freq-labelled-pixels-only", "train.py", "image_pixels += (counts > 0) * labels.numel()",
+    Mutant("median-freq-labelled-pixels-only", "engine/loss.py", "image_pixels += (counts > 0) * labels.numel()",
            "image_pixels += (counts > 0) * counts.sum()", RECIPE),
     Mutant("init-from-randomises-upsamplers", "train.py", "                          strict=False)\n",
            "                          strict=False)\n"
@@ -123,8 +124,8 @@ MUTANTS = [
            "        if isinstance(layer, nn.ConvTranspose2d):\n"
            "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
     # gradient accumulation
-    Mutant("accum-per-batch-mean", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
-           "loss = loss_fn(logits.float(), labels) / loop.accum_steps", ACCUM),
+    Mutant("accum-per-batch-mean", "train.py", "scaler.scale(total / denominator).backward()",
+           "scaler.scale(total / nonzero(loss_fn.denominator(labels)) / loop.accum_steps).backward()", ACCUM),
     Mutant("accum-resume-skips-batches-not-steps", "train.py",
            'skip=run.done["steps"] * args.batch_size * args.accum_steps', 'skip=run.done["steps"] * args.batch_size',
            ACCUM),
@@ -206,8 +207,8 @@ MUTANTS = [
            ("tests/test_predict.py", "-k", "own_classes")),
     Mutant("cpu-autocast-off", "devices.py", '    return torch.bfloat16 if cpu_native_bf16() else None\n', "    return None\n",
            ("tests/test_fast_path.py", "-k", "bf16_cpu")),
-    Mutant("loss-in-bf16", "train.py", "loss = loss_fn.total(logits.float(), labels) / denominator",
-           "loss = loss_fn.total(logits, labels) / denominator", ("tests/test_fast_path.py", "-k", "bf16_cpu")),
+    Mutant("loss-in-bf16", "engine/loss.py", "main = self.total(logits.float(), labels)",
+           "main = self.total(logits, labels)", ("tests/test_fast_path.py", "-k", "bf16_cpu")),
     # dataset.py --download on an existing folder, and where the real-data tests find CamVid
     Mutant("download-ignores-a-complete-camvid", "dataset.py",
            '        if not problems:\n            print(f"{destination} already holds',
@@ -279,6 +280,38 @@ MUTANTS = [
            'lr=0.05, warmup_epochs=2, epochs=1000', ("tests/test_recipe.py", "-k", "docs_list")),
     Mutant("auto-recipe-is-the-gpu-one-on-a-cpu", "train.py", 'return "camvid" if cuda else "camvid-cpu"',
            'return "camvid"', ("tests/test_download.py", "-k", "quick_start")),
+    # the accuracy options (issue 31)
+    Mutant("ema-never-updates", "engine/ema.py", "        torch._foreach_lerp_(averages, trained, 1 - decay)\n", "",
+           LEVERS + ("-k", "ema or average")),
+    Mutant("ema-buffers-not-averaged", "engine/ema.py", "for name, average in self.model.state_dict().items():",
+           "for name, average in self.model.named_parameters():", LEVERS + ("-k", "average_follows")),
+    Mutant("ema-decay-without-warm-up", "engine/ema.py", "decay = min(self.decay, (1 + self.updates) / (10 + self.updates))",
+           "decay = self.decay", LEVERS + ("-k", "average_follows")),
+    Mutant("best-pth-of-the-trained-weights", "train.py",
+           "return self.loop.average.model if self.loop.average is not None else unwrap(self.model)",
+           "return unwrap(self.model)", LEVERS + ("-k", "ema")),
+    Mutant("ema-not-restored-on-resume", "train.py", '        run.loop.average.load_state_dict(state["ema"])', "        pass",
+           RESUME),
+    Mutant("aux-loss-ignored", "engine/loss.py", "total = total + aux_weight * self.total(scores.float(), labels)",
+           "total = total", LEVERS + ("-k", "aux")),
+    Mutant("aux-loss-on-the-final-output", "engine/loss.py",
+           "total = total + aux_weight * self.total(scores.float(), labels)",
+           "total = total + aux_weight * self.total(logits.float(), labels)", LEVERS + ("-k", "aux")),
+    Mutant("aux-outputs-not-cropped", "fcn.py", "        return logits, [crop_to(F.interpolate(",
+           "        return logits, [(lambda x, h, w: x)(F.interpolate(", LEVERS + ("-k", "aux")),
+    Mutant("class-weight-cap-ignored", "engine/loss.py",
+           "weights = balanced.clamp(max=cap) if cap is not None else balanced", "weights = balanced",
+           LEVERS + ("-k", "cap")),
+    Mutant("class-weight-cap-not-passed", "train.py", "cap = args.class_weight_cap or None", "cap = None",
+           LEVERS + ("-k", "cap_reaches")),
+    Mutant("train-splits-ignored", "train.py", "CamVidDataset(args.data_root, args.train_splits, table",
+           'CamVidDataset(args.data_root, "train", table', LEVERS + ("-k", "training_on_val")),
+    Mutant("a-stem-in-two-splits-allowed", "dataset.py", "            if pair[0] in seen:\n",
+           "            if False:\n", LEVERS + ("-k", "two_splits")),
+    Mutant("best-pth-not-the-last-epoch", "train.py", "    if improved or run.keep_last:\n", "    if improved:\n",
+           LEVERS + ("-k", "training_on_val")),
+    Mutant("test-py-calls-trained-splits-held-out", "test.py", "    if args.split in trained.train_splits:\n",
+           "    if False:\n", LEVERS + ("-k", "training_on_val")),
 ]
 
 
