@@ -7,96 +7,38 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import functools
 import json
-import math
-import multiprocessing
-import os
-import resource
-import statistics
-import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
-from torch.utils.data import DataLoader, Sampler
-from torch.utils.flop_counter import FlopCounterMode
 
 import cfg
 import devices
-import inference
-import train
-from cfg import UserError
-from dataset import (CamVidDataset, ClassTable, LabelCache, SeededSampler, add_label_cache_args, check_data_root,
-                     label_cache_from_args, resolve_class_dict)
-from fcn import BACKBONES, FCN, FCNConfig
-from transforms import Compose, eval_transform, train_transform
-
-DATA_BATCH = 8  # the train loader's default batch
-MATMUL_SIDE = 8192  # bf16 n×n matmuls that define the measured peak for MFU
-MATMUL_WARMUP_S = 0.2  # clocks and cuBLAS heuristics settle within this; 3 calls of 1 ms do not
-RECIPE = "camvid"  # train.RECIPES entry whose augmentation data_recipe_img_s measures
-DATA_HEADROOM = 2  # workers_needed keeps the loaders this many times ahead of the fast train step
-
-# Vendor dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched against
-# torch.cuda.get_device_name (upper-cased): the first entry whose words all occur wins. Sources: the
-# Hopper whitepaper (H100 SXM5 989.4, H100 PCIe 756); NVIDIA's datasheets quote bf16 with sparsity,
-# halved here: H100 NVL and H200 NVL 1,671 -> 835.5, H200 and GH200 1,979 -> the SXM5's 989.4; A100
-# 312 (SXM4 and PCIe alike). "NVIDIA H100 80GB HBM3" is the SXM5 board; a bare "H100" is left unknown.
-SPEC_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("H100", "PCIE"), 756.0),
-    (("H100", "NVL"), 835.5),
-    (("H100", "HBM3"), 989.4),
-    (("H100", "SXM"), 989.4),
-    (("H200", "NVL"), 835.5),
-    (("H200",), 989.4),
-    (("A100",), 312.0),
+from benchmarks.data import measure_data
+from benchmarks.models import (
+    measure_backbones,
+    measure_infer,
+    measure_models,
+    model_config,
+    prepare,
+    workers_needed,
 )
-
-
-@dataclass
-class Plan:
-    """Sizes, batches and repetition counts of one run."""
-
-    train_size: tuple[int, int]
-    train_batch: int
-    infer_size: tuple[int, int]
-    infer_batch: int
-    fc_width: int
-    warmup: int  # untimed calls before the timed blocks
-    steps: int  # calls per timed block
-    repeats: int  # timed blocks per mode; medians are reported
-    data_epochs: int  # timed passes over each split (after one warm-up pass)
-
-
-# Full size on CUDA; on a CPU the train step runs at half size with a narrower fc6/fc7 so the whole
-# bench ends in a few minutes; --quick is a seconds-long smoke run.
-PLANS = {
-    "cuda": Plan(cfg.CROP_SIZE, 8, cfg.EVAL_SIZE, 8, 4096, warmup=5, steps=20, repeats=5, data_epochs=3),
-    "cpu": Plan((176, 240), 2, cfg.EVAL_SIZE, 2, 1024, warmup=1, steps=1, repeats=5, data_epochs=3),
-    "quick": Plan((32, 64), 1, (32, 64), 1, 32, warmup=1, steps=1, repeats=1, data_epochs=1),
-}
-
-
-@dataclass
-class Mode:
-    """One way of running the model: plain eager fp32, or the project's fast path."""
-
-    name: str
-    amp: torch.dtype | None = None
-    channels_last: bool = False
-    fused: bool = False
-    cudnn_benchmark: bool = False
-    compile: bool = False
-
-    def describe(self) -> str:
-        """e.g. 'bfloat16 + channels_last + fused + cudnn_benchmark'."""
-        dtype = str(self.amp).replace("torch.", "") if self.amp else "fp32"
-        flags = [dtype, "channels_last" if self.channels_last else "contiguous"]
-        flags += [name for name in ("fused", "cudnn_benchmark", "compile") if getattr(self, name)]
-        return " + ".join(flags)
+from benchmarks.plan import DATA_BATCH, MATMUL_SIDE, PLANS, Mode, Plan
+from benchmarks.profile import profile_rows, profile_train_step
+from benchmarks.report import print_report, size
+from benchmarks.timing import process_peak_mb
+from cfg import UserError
+from dataset import (
+    ClassTable,
+    add_label_cache_args,
+    check_data_root,
+    label_cache_from_args,
+    resolve_class_dict,
+)
+from fcn import BACKBONES, FCN
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -135,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--backbones", default="all", metavar="NAMES",
         help="also time the fast path's train step and inference of FCN-8s on these backbones (comma-separated, "
              f"'all': {', '.join(BACKBONES)}; 'none': skip)")
+    add("--profile", type=int, default=0, metavar="STEPS",
+        help="also profile this many fast-path train steps with torch.profiler and list the operators (CUDA kernels "
+             "on a GPU) that take the most time (0: off)")
     add("--onnx", action=argparse.BooleanOptionalAction, default=True,
         help="also ONNX Runtime CPU inference beside eager and fast (needs requirements-export.txt)")
     return parser
@@ -164,289 +109,14 @@ def fast_mode(args: argparse.Namespace, device: torch.device) -> Mode:
 
 # ---------------------------------------------------------------- timing helpers
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Seconds for `calls` back-to-back calls, GPU work included."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def side_by_side(runs: dict[str, Callable[[], object]], plan: Plan, device: torch.device) -> dict[str, dict]:
-    """Warm every run up, then alternate their timed blocks; median seconds per call and, per run, the GPU peak
-    above what was allocated at the reset: the other runs' weights, gradients and optimizer state stay allocated
-    and would otherwise count in every run's peak."""
-    for fn in runs.values():
-        timed(fn, plan.warmup, device)
-    seconds = {name: [] for name in runs}
-    peaks = {name: 0.0 for name in runs}
-    for _ in range(plan.repeats):
-        for name, fn in runs.items():
-            base = 0.0
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device) / 2 ** 20
-            seconds[name].append(timed(fn, plan.steps, device) / plan.steps)
-            peaks[name] = max(peaks[name], (gpu_peak_mb(device) or 0.0) - base)
-    return {name: {"seconds": statistics.median(seconds[name]),
-                   "peak_mb": peaks[name] if device.type == "cuda" else None} for name in runs}
-
-
-def gpu_peak_mb(device: torch.device) -> float | None:
-    """torch.cuda.max_memory_allocated in MiB since the last reset (None on CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-
-
-def process_peak_mb(device: torch.device, run_peak: float) -> float:
-    """Peak of the run: GPU memory allocated by torch, or this process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return max(run_peak, gpu_peak_mb(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
 
 # ---------------------------------------------------------------- data pipeline
-
-def remember_pid(slot, worker_id: int) -> None:
-    """worker_init_fn: publish the worker's pid so the parent can read its CPU time."""
-    slot.value = os.getpid()
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User+system CPU seconds of a process from /proc (None where there is no /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def loader_rate(dataset: CamVidDataset, sampler: Sampler | None, epochs: int, pin: bool) -> tuple[float, float | None]:
-    """Median images/s of one worker process over `epochs` passes (file to collated uint8 batch), by the
-    wall clock and per CPU-second of the worker (the latter barely moves when other jobs share the cores)."""
-    pid = multiprocessing.Value("i", 0)
-    loader = DataLoader(dataset, DATA_BATCH, sampler=sampler, num_workers=1, pin_memory=pin,
-                        persistent_workers=True, worker_init_fn=functools.partial(remember_pid, pid))
-    wall, cpu = [], []
-    for epoch in range(epochs + 1):  # pass 0 starts the worker and fills the page cache
-        if isinstance(sampler, SeededSampler):
-            sampler.set_epoch(epoch)
-        start, start_cpu = time.perf_counter(), cpu_seconds(pid.value)
-        count = sum(len(images) for images, _ in loader)
-        end_cpu = cpu_seconds(pid.value)
-        if epoch > 0:
-            wall.append(count / (time.perf_counter() - start))
-            if start_cpu is not None and end_cpu is not None and end_cpu > start_cpu:
-                cpu.append(count / (end_cpu - start_cpu))
-    return statistics.median(wall), statistics.median(cpu) if cpu else None
-
-
-def recipe_transform(recipe: str = RECIPE) -> Compose:
-    """The train augmentation of `train.py --recipe RECIPE`, built with the arguments train.build_loaders uses."""
-    args = train.parse_args(["--recipe", recipe])
-    return train_transform(tuple(args.crop_size), args.scale, args.random_crop, args.flip, args.jitter,
-                           args.downscale)
-
-
-def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device, labels: LabelCache | None) -> dict:
-    """Loader throughput of the centre-crop train transform and of the recipe's augmentation (seeded
-    sampler, as train.py), of the eval transform, and of the centre crop without the label cache (every
-    mask decoded and hash-encoded, as in a first epoch)."""
-    pin = device.type == "cuda"
-    train_set = CamVidDataset(root, "train", table, train_transform(), label_cache=labels)
-    recipe_set = CamVidDataset(root, "train", table, recipe_transform(), label_cache=labels)
-    uncached = CamVidDataset(root, "train", table, train_transform())
-    val_set = CamVidDataset(root, "val", table, eval_transform(), label_cache=labels)
-    result = {}
-    for name, dataset, sampler in (("train", train_set, SeededSampler(train_set)),
-                                   ("recipe", recipe_set, SeededSampler(recipe_set)), ("eval", val_set, None),
-                                   ("train_nocache", uncached, SeededSampler(uncached))):
-        result[f"data_{name}_img_s"], result[f"data_{name}_cpu_img_s"] = loader_rate(dataset, sampler,
-                                                                                   plan.data_epochs, pin)
-    return result
 
 
 # ---------------------------------------------------------------- model, FLOPs, steps
 
-def model_config(plan: Plan, num_classes: int) -> FCNConfig:
-    """FCN-8s on VGG16-BN, the project's default model, at the plan's fc6/fc7 width."""
-    return FCNConfig("fcn8s", "vgg16_bn", num_classes, plan.fc_width)
-
-
-def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random uint8 images and labels (about 5% void), as the loader would hand them over."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, num_classes, (batch, *size), dtype=torch.uint8, generator=generator)
-    labels[torch.rand(labels.shape, generator=generator) < 0.05] = cfg.IGNORE_INDEX
-    return images, labels
-
-
-def count_flops(model: FCN, batch: int, size: tuple[int, int], training: bool) -> int:
-    """FLOPs per image counted by FlopCounterMode (on a meta-device model nothing runs): forward, plus
-    backward when training."""
-    device = next(model.parameters()).device
-    images = torch.zeros(batch, 3, *size, device=device)
-    labels = torch.zeros(batch, *size, dtype=torch.long, device=device)
-    model.train(training)
-    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(training):
-        logits = model(images)
-        if training:
-            train.SegmentationLoss()(logits, labels).backward()
-    return counter.get_total_flops() // batch
-
-
-def prepare(model: FCN, mode: Mode, device: torch.device) -> torch.nn.Module:
-    """Place the model as train.setup does for this mode (memory format, then torch.compile)."""
-    model.to(device, memory_format=torch.channels_last if mode.channels_last else torch.contiguous_format)
-    return torch.compile(model) if mode.compile else model
-
-
-def train_step(model: torch.nn.Module, mode: Mode, device: torch.device,
-               batch: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
-    """One train_one_epoch step: to_device then train.train_step (forward, loss, backward, optimizer step)."""
-    loop = train.Loop(device, mode.amp, mode.channels_last)
-    options = train.get_args_parser().parse_args([])  # train.py's optimiser defaults (Adam)
-    options.fused = mode.fused
-    optimizer = train.build_optimizer(model, options, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=mode.amp == torch.float16)
-    loss_fn = train.SegmentationLoss().to(device)
-    host_images, host_labels = (t.pin_memory() for t in batch) if device.type == "cuda" else batch
-
-    def step() -> None:
-        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
-        images, labels = train.to_device(host_images, host_labels, loop)
-        train.train_step(model, images, labels, optimizer, scaler, loss_fn, loop)
-    return step
-
-
-def infer_call(model: torch.nn.Module, mode: Mode, device: torch.device, images: torch.Tensor) -> Callable[[], None]:
-    """One batch through inference.Runner, the path test.py and predict.py take: normalise, model under
-    autocast, float logits, argmax."""
-    images = images.to(device)
-    runner = inference.Runner(model, device, mode.amp, mode.channels_last)
-
-    def call() -> None:
-        torch.backends.cudnn.benchmark = mode.cudnn_benchmark
-        runner.labels(images)
-    return call
-
-
-def matmul_peak_tflops(device: torch.device, side: int) -> float:
-    """bf16 side×side matmul TFLOP/s measured now, after MATMUL_WARMUP_S of back-to-back calls."""
-    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
-    b, out = torch.randn_like(a), torch.empty_like(a)
-
-    def call() -> None:
-        torch.mm(a, b, out=out)
-    warm_up(call, MATMUL_WARMUP_S, device)
-    seconds = statistics.median(timed(call, 10, device) / 10 for _ in range(5))
-    return 2 * side ** 3 / seconds / 1e12
-
-
-def warm_up(fn: Callable[[], object], seconds: float, device: torch.device) -> int:
-    """Call fn until at least `seconds` have passed, GPU work included; returns the number of calls."""
-    calls, spent = 0, 0.0
-    while spent < seconds:
-        spent += timed(fn, 1, device)
-        calls += 1
-    return calls
-
-
-def spec_peak_tflops(name: str) -> float | None:
-    """The vendor's dense bf16 peak of a GPU named as torch.cuda.get_device_name does (None if unknown)."""
-    words = name.upper()
-    return next((tflops for keys, tflops in SPEC_BF16_TFLOPS if all(key in words for key in keys)), None)
-
-
-def workers_needed(train_img_s: float | None, data_img_s: float | None) -> int | None:
-    """DataLoader workers that keep the data DATA_HEADROOM× ahead of training (None if either is unknown)."""
-    if not train_img_s or not data_img_s:
-        return None
-    return math.ceil(DATA_HEADROOM * train_img_s / data_img_s)
-
 
 # ---------------------------------------------------------------- the measurements
-
-def time_train_steps(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
-                     device: torch.device, num_classes: int) -> dict[str, dict]:
-    """side_by_side timing of each model's train step on one synthetic batch (gradients freed after)."""
-    batch = synthetic_batch(plan.train_batch, plan.train_size, num_classes)
-    for model in models.values():
-        model.train()
-    timing = side_by_side({name: train_step(models[name], modes[name], device, batch) for name in models},
-                          plan, device)
-    for model in models.values():
-        model.zero_grad(set_to_none=True)
-    return timing
-
-
-def measure_train(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
-                  device: torch.device, num_classes: int) -> dict:
-    """Train-step images/s of every mode, timed side by side on one synthetic batch."""
-    timing = time_train_steps(models, modes, plan, device, num_classes)
-    result = {f"train_{name}_img_s": plan.train_batch / t["seconds"] for name, t in timing.items()}
-    result.update({f"train_{name}_peak_mem_mb": t["peak_mb"] for name, t in timing.items()})
-    result["train_speedup"] = result["train_fast_img_s"] / result["train_eager_img_s"]
-    return result
-
-
-def measure_infer(models: dict[str, torch.nn.Module], modes: dict[str, Mode], plan: Plan,
-                  device: torch.device, num_classes: int) -> dict:
-    """Inference throughput at infer_batch and batch-1 latency (each call timed alone) of every mode."""
-    for model in models.values():
-        model.eval()
-    images = synthetic_batch(plan.infer_batch, plan.infer_size, num_classes)[0]
-    single = images[:1].clone()
-    throughput = side_by_side({name: infer_call(models[name], modes[name], device, images) for name in models},
-                              plan, device)
-    one_at_a_time = replace(plan, steps=1, repeats=plan.repeats * plan.steps)
-    latency = side_by_side({name: infer_call(models[name], modes[name], device, single) for name in models},
-                           one_at_a_time, device)
-    result = {}
-    for name in models:
-        result[f"infer_{name}_img_s"] = plan.infer_batch / throughput[name]["seconds"]
-        result[f"infer_{name}_latency_ms"] = 1000 * latency[name]["seconds"]
-    result["infer_speedup"] = result["infer_fast_img_s"] / result["infer_eager_img_s"]
-    peaks = [t["peak_mb"] for t in (*throughput.values(), *latency.values()) if t["peak_mb"] is not None]
-    result["infer_peak_mem_mb"] = max(peaks) if peaks else None
-    return result
-
-
-def measure_models(plan: Plan, modes: dict[str, Mode], device: torch.device, num_classes: int,
-                   matmul_side: int) -> dict:
-    """Train step, inference, FLOPs and MFU for the eager and fast copies of one FCN-8s."""
-    config = model_config(plan, num_classes)
-    torch.manual_seed(0)
-    base = FCN(config)
-    models = {name: prepare(copy.deepcopy(base), mode, device) for name, mode in modes.items()}
-    del base
-    result = measure_train(models, modes, plan, device, num_classes)
-    result.update(measure_infer(models, modes, plan, device, num_classes))
-    with torch.device("meta"):  # counting is device independent; the meta device makes it free
-        meta_model = FCN(config)
-    result["flops_per_img"] = count_flops(meta_model, plan.train_batch, plan.train_size, training=True)
-    result["infer_flops_per_img"] = count_flops(meta_model, 1, plan.infer_size, training=False)
-    for name in modes:
-        result[f"train_{name}_tflops"] = result["flops_per_img"] * result[f"train_{name}_img_s"] / 1e12
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    matmul = matmul_peak_tflops(device, matmul_side) if gpu else None  # MFU is a GPU figure
-    result.update(efficiency(result["train_fast_tflops"], matmul, gpu))
-    return result
-
-
-def efficiency(train_tflops: float, matmul_tflops: float | None, gpu: str | None) -> dict:
-    """MFU of the fast train step against the measured matmul peak and against the GPU's spec peak."""
-    spec = spec_peak_tflops(gpu) if gpu else None
-    return {"matmul_peak_tflops": matmul_tflops, "mfu": train_tflops / matmul_tflops if matmul_tflops else None,
-            "spec_peak_tflops": spec, "mfu_spec": train_tflops / spec if spec else None}
 
 
 def device_name(device: torch.device) -> str:
@@ -494,126 +164,7 @@ def backbone_list(text: str) -> list[str]:
     return names
 
 
-def backbone_config(backbone: str, plan: Plan, num_classes: int) -> FCNConfig:
-    """FCN-8s on a backbone: VGG's fc6/fc7 at the plan's width, the others at their classifier's own."""
-    width = plan.fc_width if backbone.startswith("vgg") else None
-    return FCNConfig("fcn8s", backbone, num_classes, width)
-
-
-def measure_backbones(names: list[str], plan: Plan, mode: Mode, device: torch.device, num_classes: int) -> dict:
-    """The fast path's train-step and inference images/s of FCN-8s on each backbone (the plan's sizes and
-    batches, all backbones' blocks alternating), with parameters and FLOPs per image."""
-    if not names:
-        return {}
-    models, result = {}, {}
-    for name in names:
-        torch.manual_seed(0)
-        config = backbone_config(name, plan, num_classes)
-        models[name] = prepare(FCN(config), mode, device)
-        with torch.device("meta"):
-            meta_model = FCN(config)
-        result[name] = {"fc_width": config.width, "params_m": sum(p.numel() for p in meta_model.parameters()) / 1e6,
-                        "train_gflops_per_img": count_flops(meta_model, plan.train_batch, plan.train_size, True) / 1e9,
-                        "infer_gflops_per_img": count_flops(meta_model, 1, plan.infer_size, False) / 1e9}
-    trained = time_train_steps(models, dict.fromkeys(names, mode), plan, device, num_classes)
-    for model in models.values():
-        model.eval()
-    images = synthetic_batch(plan.infer_batch, plan.infer_size, num_classes)[0]
-    infer = side_by_side({name: infer_call(models[name], mode, device, images) for name in names}, plan, device)
-    for name in names:
-        result[name].update(train_img_s=plan.train_batch / trained[name]["seconds"],
-                            infer_img_s=plan.infer_batch / infer[name]["seconds"])
-    return result
-
-
 # ---------------------------------------------------------------- report
-
-def number(value: float | None, unit: str = "", digits: int = 1) -> str:
-    """A table cell: thousands separators, or n/a for what was not measured."""
-    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
-
-
-def size(hw: list[int]) -> str:
-    """[H, W] -> 'HxW'."""
-    return f"{hw[0]}x{hw[1]}"
-
-
-def ratio(slower: float | None, faster: float | None) -> str:
-    """'1.23x' for faster/slower, blank when either is missing."""
-    return "" if slower is None or faster is None else f"{faster / slower:.2f}x"
-
-
-def data_rows(r: dict) -> list[tuple[str, ...]]:
-    """(what, wall clock, per worker CPU-second) rows of the data pipeline table."""
-    common = f"1 worker, batch {r['data_batch']}, uint8"
-    cache = "label cache warm after pass 0" if r["label_cache"] else "no label cache"
-    return [(f"data pipeline ({cache})", "img/s (wall)", "img/s per CPU-s", ""),
-            (f"train transform, centre crop {size(cfg.CROP_SIZE)} ({common})", number(r["data_train_img_s"]),
-             number(r["data_train_cpu_img_s"]), ""),
-            (f"train transform, --recipe {RECIPE} augmentation ({common})",
-             number(r["data_recipe_img_s"]), number(r["data_recipe_cpu_img_s"]), ""),
-            (f"eval transform, full image ({common})", number(r["data_eval_img_s"]),
-             number(r["data_eval_cpu_img_s"]), ""),
-            (f"train transform without the label cache ({common})", number(r["data_train_nocache_img_s"]),
-             number(r["data_train_nocache_cpu_img_s"]), "")]
-
-
-def model_rows(r: dict) -> list[tuple[str, ...]]:
-    """(what, eager fp32, fast path, speedup) rows of the model table; speedup > 1 means the fast path wins."""
-    rows = [("model", "eager fp32", "fast path", "speedup")]
-    for key, what, unit, digits in (
-            ("train_{}_img_s", f"train step {size(r['train_size'])} batch {r['train_batch']}", " img/s", 2),
-            ("infer_{}_img_s", f"inference {size(r['infer_size'])} batch {r['infer_batch']}", " img/s", 2),
-            ("infer_{}_latency_ms", f"inference {size(r['infer_size'])} batch 1 latency", " ms", 1),
-            ("train_{}_tflops", "train step achieved", " TFLOP/s", 3),
-            ("train_{}_peak_mem_mb", "train step peak GPU memory above its start", " MiB", 0)):
-        eager, fast = r[key.format("eager")], r[key.format("fast")]
-        speedup = "" if "mem" in key else ratio(fast, eager) if "latency" in key else ratio(eager, fast)
-        rows.append((what, number(eager, unit, digits), number(fast, unit, digits), speedup))
-    mfu, mfu_spec = (None if r[key] is None else 100 * r[key] for key in ("mfu", "mfu_spec"))
-    memory = "GPU, torch allocated" if r["device"] == "cuda" else "CPU, peak RSS of the main process"
-    return rows + [
-        (f"FLOPs/img, train step fwd+bwd {size(r['train_size'])}", number(r["flops_per_img"] / 1e9, " GFLOP"), "", ""),
-        (f"FLOPs/img, inference fwd {size(r['infer_size'])}", number(r["infer_flops_per_img"] / 1e9, " GFLOP"), "", ""),
-        (f"bf16 {r['matmul_side']}x{r['matmul_side']} matmul peak", number(r["matmul_peak_tflops"], " TFLOP/s"), "", ""),
-        ("bf16 dense peak, vendor spec", number(r["spec_peak_tflops"], " TFLOP/s"), "", ""),
-        ("MFU of the fast train step vs the measured matmul", "", number(mfu, " %"), ""),
-        ("MFU of the fast train step vs the spec peak", "", number(mfu_spec, " %"), ""),
-        (f"workers for {DATA_HEADROOM}x the fast train step (recipe augmentation)",
-         "", "n/a" if r["workers_needed"] is None else str(r["workers_needed"]), ""),
-        (f"peak memory ({memory})", number(r["peak_mem_mb"], " MiB", 0), "", "")]
-
-
-def backbone_rows(r: dict) -> list[tuple[str, ...]]:
-    """(backbone, train img/s, inference img/s, parameters) rows of the fast path on every backbone."""
-    rows = [(f"FCN-8s per backbone, fast path: train {size(r['train_size'])} batch {r['train_batch']}, inference "
-             f"{size(r['infer_size'])} batch {r['infer_batch']}", "train img/s", "infer img/s", "params")]
-    for name, row in r["backbones"].items():
-        width = f", fc {row['fc_width']}" if row["fc_width"] else ""
-        rows.append((f"{name}{width} ({row['train_gflops_per_img']:.1f} GFLOP/img train)",
-                     number(row["train_img_s"], "", 2), number(row["infer_img_s"], "", 2),
-                     f"{row['params_m']:.1f}M"))
-    return rows
-
-
-def print_report(r: dict) -> None:
-    """The human-readable tables."""
-    print(f"bench.py on {r['device']} ({r['device_name']}), torch {r['torch']}, {r['date']}")
-    print(f"model: FCN-8s {r['backbone']} fc_width {r['fc_width']}" +
-          (" (narrowed from the paper's 4096 to keep the run short)" if r["fc_width"] != 4096 else ""))
-    same = r["fast_path"] == r["eager_path"]
-    print(f"eager: {r['eager_path']}, non-fused Adam | fast path: {r['fast_path']}" +
-          (" (= eager: --no-channels-last, and no AMP on this device)" if same else ""))
-    if r["device"] == "cuda":
-        print(f"eager fp32 keeps PyTorch's TF32 defaults (its convolutions run in TF32 on Ampere and later): "
-              f"cuDNN conv {r['tf32_conv']}, matmul {r['tf32_matmul']}")
-    print(f"timing: medians of {r['repeats']} alternating eager/fast blocks of {r['steps']} call(s) after warm-up")
-    rows = [*data_rows(r), ("", "", "", ""), *model_rows(r)]
-    if r["backbones"]:
-        rows += [("", "", "", ""), *backbone_rows(r)]
-    width = max(len(row[0]) for row in rows)
-    for what, first, second, third in rows:
-        print(f"{what:<{width}}  {first:>16}  {second:>16}  {third:>8}".rstrip())
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -636,9 +187,15 @@ def main(args: argparse.Namespace) -> dict:
     peaks = [result["train_eager_peak_mem_mb"], result["train_fast_peak_mem_mb"], result["infer_peak_mem_mb"]]
     result["peak_mem_mb"] = process_peak_mb(device, max((p for p in peaks if p is not None), default=0.0))
     result["backbones"] = measure_backbones(backbones, plan, modes["fast"], device, table.num_classes)
+    if args.profile > 0:
+        result["profile"] = profile_train_step(plan, modes["fast"], device, table.num_classes, args.profile)
     if args.onnx:
         result.update(bench_onnx(plan, modes, device, table, "torchscript" if args.quick else "dynamo"))
     print_report(result)
+    if "profile" in result:
+        print(f"profile: {args.profile} fast-path train steps, the operators with the most "
+              + ("CUDA kernel time" if device.type == "cuda" else "CPU time"))
+        print("\n".join(profile_rows(result["profile"])))
     line = json.dumps(result)
     if args.json:
         args.json.write_text(line + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,13 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before 2.3 has no including_emulation and counts only native support
         return torch.cuda.is_bf16_supported()
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The process's peak memory so far: on CUDA what PyTorch allocated on the GPU, elsewhere the resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2 ** 20), "peak_memory_of": "cuda"}
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "peak_memory_of": "rss"}
 
 
 def default_workers() -> int:

@@ -12,9 +12,9 @@ import torch
 import cfg
 import inference
 import onnx_backend
-import run_folder
 from cfg import UserError
 from dataset import ClassTable, normalize_batch, read_image
+from engine.checkpoints import atomic_write, load_checkpoint
 from fcn import FCN
 
 OPSET = 18  # the dynamo exporter's native and lowest opset (no version conversion); ORT >= 1.14 runs it
@@ -178,13 +178,13 @@ def main(args: argparse.Namespace) -> Path:
     if not out.parent.is_dir() or out.is_dir():
         raise UserError(f"--out {out}: expected a file name in an existing folder")
     require_export_modules(args.exporter)
-    state = run_folder.load_checkpoint(args.weights)
+    state = load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict, args.weights)
     model = inference.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
     downscale = inference.trained_downscale(state, args.weights)
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.
-    run_folder.atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
+    atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
     print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}, {args.exporter} exporter)")
     return out
 

@@ -18,7 +18,7 @@ from cfg import UserError
 from dataset import ClassTable, normalize_batch
 from evalution_segmentaion import ConfusionMatrix
 from fcn import FCN, FCNConfig, upgrade_state_dict
-from run_folder import load_checkpoint
+from engine.checkpoints import load_checkpoint
 
 
 class Trained(NamedTuple):

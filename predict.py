@@ -19,9 +19,9 @@ from tqdm import tqdm
 import cfg
 import devices
 import inference
-import run_folder
 from cfg import UserError
 from dataset import ClassTable, colorize, read_image
+from engine.checkpoints import atomic_write
 
 # Video containers predict.py streams with PyAV: extension -> muxer of the output.
 VIDEO_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".avi": "avi", ".mkv": "matroska", ".webm": "webm"}
@@ -160,7 +160,7 @@ def paint(image: np.ndarray, labels: np.ndarray, table: ClassTable, overlay: boo
 def save_png(array: np.ndarray, path: Path) -> None:
     """One PNG, written atomically (a stopped run never leaves a truncated mask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_folder.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def write_image_outputs(image: torch.Tensor, labels: np.ndarray, files: list[Path], table: ClassTable,
@@ -231,7 +231,7 @@ def predict_video(source: Path, target: Path, runner: inference.Runner, table: C
             stream = container.streams.video[0]
             target.parent.mkdir(parents=True, exist_ok=True)
             counted: list[int] = []
-            run_folder.atomic_write(target, lambda tmp: counted.append(
+            atomic_write(target, lambda tmp: counted.append(
                 encode_video(av, container, stream, tmp, target, runner, table, args)))
             return counted[0]
     except (av.error.FFmpegError, IndexError) as exc:  # IndexError: a file without a video stream

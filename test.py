@@ -13,10 +13,11 @@ from torch.utils.data import DataLoader
 import cfg
 import devices
 import inference
-import run_folder
 from cfg import UserError
 from dataset import (CamVidDataset, add_label_cache_args, check_data_root, label_cache_from_args,
                      resolve_class_dict)
+from engine.checkpoints import atomic_write
+from engine.plots import write_samples
 from transforms import eval_transform
 
 
@@ -70,10 +71,10 @@ def write_report(folder: Path, metrics: dict, names: tuple[str, ...]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     counts = metrics["confusion"].numpy()
     frame = pd.DataFrame(counts, index=pd.Index(names, name="truth \\ predicted"), columns=list(names))
-    run_folder.atomic_write(folder / "confusion.csv", lambda tmp: frame.to_csv(tmp))
+    atomic_write(folder / "confusion.csv", lambda tmp: frame.to_csv(tmp))
     per_class = pd.DataFrame({"IoU": metrics["iou"], "accuracy": metrics["class_accuracy"],
                               "pixels": counts.sum(1)}, index=pd.Index(names, name="class"))
-    run_folder.atomic_write(folder / "per_class.csv", lambda tmp: per_class.to_csv(tmp))
+    atomic_write(folder / "per_class.csv", lambda tmp: per_class.to_csv(tmp))
     plot_confusion(counts, names, folder / "confusion.png")
 
 
@@ -95,7 +96,7 @@ def plot_confusion(counts: np.ndarray, names: tuple[str, ...], path: Path) -> No
                   color="white" if value > 0.5 else "black")
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
-    run_folder.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -164,10 +165,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.report:
         write_report(args.report, metrics, table.names)
         runner = inference.Runner(model, device, amp, args.channels_last, scoring.scale, tta)
-        run_folder.write_samples(*inference.sample_predictions(runner, dataset), table, args.report / "samples.png")
+        write_samples(*inference.sample_predictions(runner, dataset), table, args.report / "samples.png")
     if args.json:
         result = json_result(metrics, table.names, args, len(dataset), scoring, trained.train_splits)
-        run_folder.atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     return metrics
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cfg
-import run_folder
+from engine.checkpoints import atomic_write
 
 
 class SegmentationLoss(nn.Module):
@@ -26,7 +26,7 @@ class SegmentationLoss(nn.Module):
         self.ohem_fraction = ohem_fraction
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.total(logits, labels) / nonzero(self.denominator(labels))
+        return self.total(logits, labels) / safe_denominator(self.denominator(labels))
 
     def total(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed (weighted) per-pixel loss; void pixels add 0."""
@@ -65,7 +65,7 @@ class SegmentationLoss(nn.Module):
         return total, main
 
 
-def nonzero(denominator: torch.Tensor) -> torch.Tensor:
+def safe_denominator(denominator: torch.Tensor) -> torch.Tensor:
     """A denominator safe to divide by: an all-void batch has a zero loss sum and must add 0, not NaN."""
     return denominator.clamp(min=torch.finfo(torch.float32).tiny)
 
@@ -97,5 +97,5 @@ def class_weights(dataset, num_classes: int, cap: float | None, cache: Path | No
     weights = balanced.clamp(max=cap) if cap is not None else balanced
     if cache is not None and not cache.is_file():  # atomic: other ranks may read it while rank 0 writes
         record = {"weights": weights.tolist(), "median_frequency": balanced.tolist(), "cap": cap}
-        run_folder.atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(record)))
+        atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(record)))
     return weights

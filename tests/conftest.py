@@ -96,12 +96,18 @@ def run(command: list[str], check: bool = True, timeout: float = 300) -> subproc
     return result
 
 
+def settings_of(*argv: str):
+    """The typed settings train.py hands to engine/ for these flags."""
+    import train
+    return train.settings_from_args(train.parse_args(list(argv)))
+
+
 def train_in_process(*argv: str) -> None:
     """train.py's main in this process (no interpreter start-up): pytest keeps its signal handlers, and a time
     budget's clock starts at set-up rather than with pytest's process."""
-    import budget
     import devices
     import train
+    from engine import budget
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(devices.StopFlag, "install", lambda self: None)
         patch.setattr(budget, "process_age", lambda: 0.0)
@@ -109,24 +115,24 @@ def train_in_process(*argv: str) -> None:
 
 
 def fit_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> None:
-    """train.fit in this process (pytest keeps its signal handlers, and a budget's clock starts at set-up, not
+    """engine.loop.fit in this process (pytest keeps its signal handlers, and a budget's clock starts at set-up, not
     with pytest's process); optionally a stop request after N optimizer steps. Undoes `monkeypatch` after."""
-    import budget
     import devices
     import train
+    from engine import budget, loop, step
     monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)
     monkeypatch.setattr(budget, "process_age", lambda: 0.0)
     run = train.setup(train.parse_args(args))
     if stop_after is not None:
-        step, steps = train.optimizer_step, []
+        optimizer_step, steps = step.optimizer_step, []
 
         def counting_step(*a, **k):
-            step(*a, **k)
+            optimizer_step(*a, **k)
             steps.append(1)
-            run.loop.stop.requested = len(steps) >= stop_after
-        monkeypatch.setattr(train, "optimizer_step", counting_step)
+            run.runtime.stop_flag.requested = len(steps) >= stop_after
+        monkeypatch.setattr(step, "optimizer_step", counting_step)
     try:
-        train.fit(run)
+        loop.fit(run)
     finally:
         monkeypatch.undo()
 
@@ -150,12 +156,13 @@ def reactive_checkpoint(path: Path, backbone: str, fc_width: int):
     """Save a narrow FCN-8s whose scoring layers are random (not the paper's zeros), so its predictions and loss
     react to everything before them; returns the model in eval mode."""
     import torch
-    import run_folder
+
+    from engine.checkpoints import save_checkpoint
     from fcn import FCN, FCNConfig
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", backbone, 11, fc_width=fc_width))
     with torch.no_grad():
         for layer in (model.score_fr, model.score_pool4, model.score_pool3):
             layer.weight.normal_(std=0.5)
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return model.eval()

@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TRAIN, fit_in_process, write_camvid
 from PIL import Image
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from conftest import SMALL_TRAIN, fit_in_process, write_camvid
-
-import run_folder
 import train
 from cfg import UserError
+from devices import unwrap
+from engine.checkpoints import load_checkpoint
+from engine.loop import train_one_epoch
+from engine.loss import SegmentationLoss
+from engine.run import Run, Runtime
+from engine.step import accumulation_step, gradient_sync
 
 IMAGES = 8
 
@@ -40,21 +44,21 @@ def flags(data: Path, out: Path, *extra: str) -> list[str]:
             "--optimizer", "sgd", "--momentum", "0", "--lr", "0.01", "--save-every", "0", "--no-amp", *extra]
 
 
-def one_epoch(data: Path, out: Path, batch: int, accum: int, *extra: str) -> train.Run:
+def one_epoch(data: Path, out: Path, batch: int, accum: int, *extra: str) -> Run:
     """Set up a run, switch dropout off (its masks depend on the batch shape) and train epoch 1."""
     run = train.setup(train.parse_args(flags(data, out, "--batch-size", str(batch), "--accum-steps", str(accum),
                                              *extra)))
     for module in run.model.modules():
         if isinstance(module, torch.nn.Dropout2d):
             module.p = 0.0
-    train.train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler, run.loss_fn,
-                          run.loop, 1, run.done)
+    train_one_epoch(run.model, run.train_loader, run.optimizer, run.scheduler, run.scaler, run.loss_fn,
+                          run.runtime, 1, run.progress)
     return run
 
 
-def gradients(run: train.Run) -> dict[str, torch.Tensor]:
+def gradients(run: Run) -> dict[str, torch.Tensor]:
     """The gradients the last optimizer step used (zeroed only at the start of the next step)."""
-    return {name: p.grad.clone() for name, p in train.unwrap(run.model).named_parameters()}
+    return {name: p.grad.clone() for name, p in unwrap(run.model).named_parameters()}
 
 
 @pytest.mark.parametrize("extra", [(), ("--class-weights", "median-freq")], ids=["plain", "class-weights"])
@@ -63,24 +67,24 @@ def test_accumulated_gradients_equal_one_large_batch(data, tmp_path, batch, accu
     large = one_epoch(data, tmp_path / "large", IMAGES, 1, *extra)
     small = one_epoch(data, tmp_path / "small", batch, accum, *extra)
     assert len(small.train_loader) == math.ceil(IMAGES / batch) > 1
-    assert small.done["steps"] == large.done["steps"] == 1 and small.scheduler.last_epoch == 1
+    assert small.progress.steps == large.progress.steps == 1 and small.scheduler.last_epoch == 1
     expected, got = gradients(large), gradients(small)
     scale = max(g.abs().max() for g in expected.values())
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
     # The logged train loss is the mean over the step's labelled pixels either way
-    assert small.done["loss_sum"] == pytest.approx(large.done["loss_sum"], rel=1e-5)
+    assert small.progress.loss_sum == pytest.approx(large.progress.loss_sum, rel=1e-5)
 
 
 def test_schedule_and_progress_count_optimizer_steps(data, tmp_path):
     run = one_epoch(data, tmp_path, 2, 3, "--schedule", "poly", "--epochs", "1")  # 4 batches: steps of 3 and 1
-    assert run.done["steps"] == 2 and run.done["count"] == IMAGES
+    assert run.progress.steps == 2 and run.progress.count == IMAGES
     assert run.scheduler.last_epoch == 2
     assert run.optimizer.param_groups[0]["lr"] == 0.0  # the poly schedule ends with the epoch's last step
 
 
 def test_an_all_void_batch_adds_nothing():
-    loss = train.SegmentationLoss()
+    loss = SegmentationLoss()
     logits, labels = torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255)
     assert loss(logits, labels).item() == 0.0  # not NaN: the run goes on
 
@@ -90,10 +94,10 @@ def test_mid_epoch_resume_with_accumulation_matches_an_uninterrupted_run(data, t
     fit_in_process(flags(data, tmp_path / "whole", *common), monkeypatch)
     fit_in_process(flags(data, tmp_path / "cut", *common), monkeypatch, stop_after=3)  # in epoch 2
     assert "stopped in epoch 2 after step 1 (2 batches)" in capsys.readouterr().out
-    saved = run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
+    saved = load_checkpoint(tmp_path / "cut" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 1
     fit_in_process(flags(data, tmp_path / "cut", *common, "--resume"), monkeypatch)
-    whole, cut = run_folder.load_checkpoint(tmp_path / "whole" / "last.pth"), run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
+    whole, cut = load_checkpoint(tmp_path / "whole" / "last.pth"), load_checkpoint(tmp_path / "cut" / "last.pth")
     assert cut["epoch"] == 2 and cut["scheduler"]["last_epoch"] == whole["scheduler"]["last_epoch"] == 4
     assert [row["train_loss"] for row in cut["history"]] == [row["train_loss"] for row in whole["history"]]
     for name, tensor in whole["model"].items():
@@ -136,14 +140,14 @@ def test_ddp_all_reduces_once_per_optimizer_step(tmp_path):
             return default_hooks.allreduce_hook(state, bucket)
         ddp.register_comm_hook(None, counting_allreduce)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        loop = train.Loop(torch.device("cpu"), None, False, accum_steps=3)
+        loop = Runtime(torch.device("cpu"), None, False, accum_steps=3)
         batches = [(torch.randn(2, 3, 4, 4), torch.randint(0, 4, (2, 4, 4))) for _ in range(3)]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train.accumulation_step(ddp, batches, optimizer, scaler, train.SegmentationLoss(), loop, epoch=1, step=0)
+        accumulation_step(ddp, batches, optimizer, scaler, SegmentationLoss(), loop, epoch=1, step=0)
         assert len(reductions) == 1  # one bucket, reduced once
         compiled = torch.nn.Module()
         compiled._orig_mod = ddp  # the attribute torch.compile's OptimizedModule keeps the original in
-        with train.gradient_sync(compiled, sync=False):
+        with gradient_sync(compiled, sync=False):
             assert not ddp.require_backward_grad_sync
     finally:
         torch.distributed.destroy_process_group()

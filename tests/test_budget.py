@@ -18,11 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 from conftest import fit_in_process  # noqa: E402
 
-import budget  # noqa: E402
-import run_folder  # noqa: E402
+import engine.checkpoints  # noqa: E402
+import engine.loop  # noqa: E402
 import train  # noqa: E402
-from budget import Budget, BudgetTooSmall, Schedule  # noqa: E402
 from cfg import UserError  # noqa: E402
+from engine import budget  # noqa: E402
+from engine.budget import Budget, BudgetTooSmall  # noqa: E402
+from engine.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from engine.control import TrainingDiverged  # noqa: E402
+from engine.schedule import Schedule  # noqa: E402
+from engine.step import accumulation_step  # noqa: E402
 
 RUN_FILES = ("last.pth", "best.pth", "history.csv", "curves.png", "val_samples.png", "results.json")
 
@@ -221,8 +226,8 @@ def test_a_budgeted_run_ends_in_time_annealed_with_a_complete_folder(data, tmp_p
 def slow_writes(monkeypatch, seconds: float) -> None:
     """Every checkpoint file takes `seconds` longer to write, as fc6/fc7 at 4096 (about 1.6 GB) do on a disk
     that syncs 233 MB/s: a write then outlasts an epoch of the narrow test model."""
-    real = run_folder.save_checkpoint
-    monkeypatch.setattr(run_folder, "save_checkpoint", lambda state, path: (time.sleep(seconds), real(state, path)))
+    real = save_checkpoint
+    monkeypatch.setattr(engine.checkpoints, "save_checkpoint", lambda state, path: (time.sleep(seconds), real(state, path)))
 
 
 def test_a_budget_whose_checkpoint_write_outlasts_an_epoch_ends_completed_in_time(data, tmp_path, monkeypatch):
@@ -248,7 +253,7 @@ def test_a_stopped_budgeted_run_resumes_on_its_plan(data, tmp_path, monkeypatch,
     out = ["--out", str(tmp_path / "cut")]
     fit_in_process(common + out + ["--time-budget", "10m"], monkeypatch, stop_after=6)
     assert "time budget 10m: 4 epochs" in capsys.readouterr().out
-    saved = run_folder.load_checkpoint(tmp_path / "cut" / "last.pth")
+    saved = load_checkpoint(tmp_path / "cut" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 2 and saved["budget"]["total"] == 16
     fit_in_process(common + out + ["--time-budget", "10m", "--resume"], monkeypatch)
     fit_in_process(common + ["--out", str(tmp_path / "whole")], monkeypatch)
@@ -283,13 +288,13 @@ def test_a_run_resumed_in_its_measured_epoch_times_its_checkpoint_write(data, tm
     fit_in_process(common + ["--resume"], monkeypatch)
     plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time budget 10m: ")]
     assert len(plan) == 1 and not re.search(r"checkpoint 0\.0 s", plan[0]), plan
-    state = run_folder.load_checkpoint(tmp_path / "last.pth")["budget"]
+    state = load_checkpoint(tmp_path / "last.pth")["budget"]
     assert state["costs"]["save"] > 0 and state["total"] == 24
 
 
 def diverging_on(rank_epoch: tuple[int, int]):
     """accumulation_step whose loss is NaN in `epoch` on `rank` (the weights stay finite)."""
-    real = train.accumulation_step
+    real = accumulation_step
 
     def step(model, batches, optimizer, scaler, loss_fn, loop, epoch, index):
         loss = real(model, batches, optimizer, scaler, loss_fn, loop, epoch, index)
@@ -299,8 +304,8 @@ def diverging_on(rank_epoch: tuple[int, int]):
 
 def test_a_divergence_keeps_the_good_checkpoints_and_writes_the_folder(data, tmp_path, monkeypatch):
     """NaN loss in epoch 2: last.pth and best.pth stay epoch 1's, results.json says where and why."""
-    monkeypatch.setattr(train, "accumulation_step", diverging_on((0, 2)))
-    with pytest.raises(train.TrainingDiverged):
+    monkeypatch.setattr(engine.loop, "accumulation_step", diverging_on((0, 2)))
+    with pytest.raises(TrainingDiverged):
         fit_in_process(fx.train_args(data, tmp_path, "--epochs", "3")[1:], monkeypatch)
     assert all((tmp_path / name).is_file() for name in RUN_FILES)
     assert fx.load(tmp_path / "last.pth")["epoch"] == 1 and fx.load(tmp_path / "best.pth")["epoch"] == 1
@@ -320,7 +325,7 @@ def test_a_deadline_in_the_middle_ends_the_run_there_validated(data, tmp_path, m
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["completed"] and results["time_budget"]["replans"][-1] == [5, 5]
     assert all((tmp_path / name).is_file() for name in RUN_FILES)
-    last = run_folder.load_checkpoint(tmp_path / "last.pth")
+    last = load_checkpoint(tmp_path / "last.pth")
     assert last["epoch"] == 2 and last["scheduler"]["last_epoch"] == 5
     rows = fx.read_history(tmp_path / "history.csv")
     assert [row["epoch"] for row in rows] == ["1", "2"] and rows[-1]["val_miou"] and float(rows[-1]["lr"]) == 0.0

@@ -7,17 +7,17 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TRAIN, run_cli
 from PIL import Image
 
 import cfg
 import inference
 import predict
-import run_folder
 import test as test_script
 import train
 from cfg import UserError
-from conftest import SMALL_TRAIN, run_cli
 from dataset import ClassTable, MaskEncoder, find_pairs
+from engine.checkpoints import atomic_write, load_checkpoint, save_checkpoint
 from evalution_segmentaion import ConfusionMatrix, metrics_from_confusion
 from fcn import FCN, FCNConfig
 
@@ -34,7 +34,7 @@ def test_train_writes_run_files_and_resume_continues(trained_run):
         rows = list(csv.DictReader(handle))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert {"lr", "train_loss", "val_loss", "val_pa", "val_mpa", "val_miou", "seconds", "iou_Sky"} <= set(rows[0])
-    state = run_folder.load_checkpoint(trained_run / "last.pth")
+    state = load_checkpoint(trained_run / "last.pth")
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert {"optimizer", "scheduler", "scaler", "best_miou", "config"} <= set(state)
     assert state["config"]["model"] == {"variant": "fcn8s", "backbone": "vgg16", "num_classes": 11, "fc_width": 16}
@@ -105,7 +105,7 @@ def test_predict_any_size_greyscale_rgba_and_skips_non_images(trained_run, tmp_p
 
 @pytest.fixture
 def keep_signal_handlers():
-    """train.fit installs SIGINT/SIGTERM handlers; put pytest's back after an in-process run."""
+    """engine.loop.fit installs SIGINT/SIGTERM handlers; put pytest's back after an in-process run."""
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in saved.items():
@@ -157,7 +157,7 @@ def test_bad_inputs_raise_one_clear_message(trained_run, camvid, tmp_path, keep_
     assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on
     model = FCN(FCNConfig("fcn8s", "vgg16", num_classes=5, fc_width=8))
     five = tmp_path / "five.pth"
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, five)
     assert "predicts 5 classes but the class table has 11" in raises_user_error(
         run_test, "--data-root", str(camvid), "--weights", str(five))
     assert "--tta" in raises_user_error(run_test, "--data-root", str(camvid), "--weights", str(five), "--tta", "x")
@@ -197,9 +197,9 @@ def test_worker_error_exits_with_one_line(trained_run, tmp_path):
 def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     model = FCN(FCNConfig("fcn16s", "vgg16_bn", num_classes=11, fc_width=8))
     path = tmp_path / "c.pth"
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}, "epoch": 3}, path)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}, "epoch": 3}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]  # no temporary file left behind
-    state = run_folder.load_checkpoint(path)
+    state = load_checkpoint(path)
     restored = inference.model_from_checkpoint(state, TABLE, path)
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value)
@@ -208,8 +208,8 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
         tmp.write_bytes(b"partial")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run_folder.atomic_write(path, crash)
-    assert run_folder.load_checkpoint(path)["epoch"] == 3  # the old file survived intact
+        atomic_write(path, crash)
+    assert load_checkpoint(path)["epoch"] == 3  # the old file survived intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
 
 
@@ -225,9 +225,9 @@ def test_nan_loss_stops_with_a_message_and_writes_no_checkpoint(trained_run, cam
     """Diverged in its first epoch: one line, exit 1, no checkpoint of NaN weights, results.json says why
     (a later divergence keeping the good checkpoints: tests/test_budget.py)."""
     run_dir = tmp_path / "run"
-    state = run_folder.load_checkpoint(trained_run / "last.pth")
+    state = load_checkpoint(trained_run / "last.pth")
     state["model"]["score_fr.weight"].fill_(float("nan"))  # poisoned weights: the first loss is NaN
-    run_folder.save_checkpoint({"model": state["model"], "config": state["config"]}, tmp_path / "nan.pth")
+    save_checkpoint({"model": state["model"], "config": state["config"]}, tmp_path / "nan.pth")
     result = run_cli("train.py", "--data-root", str(camvid), "--out", str(run_dir), *SMALL_TRAIN,
                      "--epochs", "1", "--init-from", str(tmp_path / "nan.pth"), check=False)
     assert result.returncode == 1, result.stderr

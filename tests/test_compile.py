@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
 
-import train  # noqa: E402
+from devices import unwrap
 from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -38,8 +38,8 @@ def test_unwrap_strips_ddp_and_compile_in_any_order(process_group):
         "none": model,
     }
     for name, wrapped in wrappings.items():
-        assert train.unwrap(wrapped) is model, name
-        assert train.unwrap(wrapped).config.num_classes == 11, name
+        assert unwrap(wrapped) is model, name
+        assert unwrap(wrapped).config.num_classes == 11, name
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun's standalone rendezvous")

@@ -13,13 +13,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
-from conftest import reactive_checkpoint  # noqa: E402
+from conftest import reactive_checkpoint, settings_of  # noqa: E402
 
 import devices  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
 from cfg import UserError  # noqa: E402
 from dataset import CamVidDataset, ClassTable, SeededSampler, ShardSampler  # noqa: E402
+from engine.build import buffer_sync, place_model
+from engine.loop import evaluate
+from engine.run import Runtime
 from fcn import FCN, FCNConfig  # noqa: E402
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -61,7 +64,7 @@ def test_two_gloo_processes_match_a_single_process_evaluation(data: Path, tmp_pa
     table = ClassTable.from_csv(data / "class_dict.csv")
     model = inference.model_from_checkpoint(checkpoint, table, out / "last.pth")
     loader = torch.utils.data.DataLoader(CamVidDataset(data, "val", table), batch_size=2)
-    single = train.evaluate(model, loader, table.num_classes, train.Loop(torch.device("cpu"), None, False))
+    single = evaluate(model, loader, table.num_classes, Runtime(torch.device("cpu"), None, False))
     assert float(rows[-1]["val_loss"]) == pytest.approx(single["loss"], rel=1e-6)
     assert float(rows[-1]["val_miou"]) == pytest.approx(single["miou"], abs=1e-6)
     assert float(rows[-1]["val_pa"]) == pytest.approx(single["pixel_accuracy"], abs=1e-6)
@@ -113,12 +116,13 @@ def test_resumed_sampler_skips_the_samples_already_done():
 def test_sync_batch_norm_only_when_asked_and_then_ddp_leaves_the_buffers_to_it(data: Path, tmp_path: Path):
     """--sync-bn (off by default): SyncBatchNorm layers under torchrun, DDP's buffer broadcast off; refused in one
     line on a CPU, where DDP rejects SyncBatchNorm."""
-    ranks = train.Loop(torch.device("cpu"), None, False, devices.DistInfo(rank=0, world_size=2))
+    ranks = devices.DistInfo(rank=0, world_size=2)
     for argv, expected in (([], 0), (["--sync-bn"], 13)):  # VGG16-BN has 13 BatchNorm layers
-        model = train.place_model(FCN(FCNConfig("fcn32s", "vgg16_bn", 11, fc_width=8)), train.parse_args(argv), ranks)
+        model = place_model(FCN(FCNConfig("fcn32s", "vgg16_bn", 11, fc_width=8)), settings_of(*argv).model,
+                            torch.device("cpu"), ranks)
         assert sum(isinstance(layer, torch.nn.SyncBatchNorm) for layer in model.modules()) == expected
-    assert train.buffer_sync(False) == {}
-    assert train.buffer_sync(True) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    assert buffer_sync(False) == {}
+    assert buffer_sync(True) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
     with pytest.raises(UserError, match="^--sync-bn: SyncBatchNorm runs on CUDA GPUs only"):
         train.setup(train.parse_args(fx.train_args(data, tmp_path / "run", "--sync-bn")[1:]))
 
@@ -128,16 +132,18 @@ DIVERGING = """
 import math, sys
 sys.path.insert(0, {repo!r})
 import cfg, train
-real = train.accumulation_step
+import engine.loop
+from engine.control import TrainingDiverged
+real = engine.loop.accumulation_step
 
-def step(model, batches, optimizer, scaler, loss_fn, loop, epoch, index):
-    loss = real(model, batches, optimizer, scaler, loss_fn, loop, epoch, index)
-    return loss * math.nan if (loop.dist.rank, epoch) == (1, 2) else loss
+def step(model, batches, optimizer, scaler, loss_fn, runtime, epoch, index):
+    loss = real(model, batches, optimizer, scaler, loss_fn, runtime, epoch, index)
+    return loss * math.nan if (runtime.dist.rank, epoch) == (1, 2) else loss
 
-train.accumulation_step = step
+engine.loop.accumulation_step = step
 try:
     train.main(train.parse_args())
-except train.TrainingDiverged as error:
+except TrainingDiverged as error:
     cfg.fail(str(error), code=1)
 """
 
@@ -163,9 +169,10 @@ def test_a_rank_that_diverges_stops_every_rank_with_the_folder_complete(data: Pa
 SLOW_WRITES = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import cfg, run_folder, train
-real = run_folder.save_checkpoint
-run_folder.save_checkpoint = lambda state, path: (time.sleep(1.5), real(state, path))
+import cfg, train
+import engine.checkpoints as checkpoints
+real = checkpoints.save_checkpoint
+checkpoints.save_checkpoint = lambda state, path: (time.sleep(1.5), real(state, path))
 cfg.run_script(lambda: train.main(train.parse_args()))
 """
 

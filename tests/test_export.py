@@ -18,14 +18,15 @@ pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.tx
 onnx = pytest.importorskip("onnx", reason="pip install -r requirements-export.txt")
 pytest.importorskip("onnxscript", reason="pip install -r requirements-export.txt")
 
+from conftest import run_cli  # noqa: E402
+
 import cfg  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
 import onnx_backend  # noqa: E402
-import run_folder  # noqa: E402
 from cfg import UserError  # noqa: E402
-from conftest import run_cli  # noqa: E402
 from dataset import ClassTable, normalize_batch  # noqa: E402
+from engine.checkpoints import load_checkpoint, save_checkpoint
 from fcn import FCN, FCNConfig  # noqa: E402
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
@@ -47,7 +48,7 @@ def tiny_model() -> FCN:
 def save(model: FCN, path: Path, downscale: float | None = None) -> Path:
     """A checkpoint of the model; with `downscale`, as train.py --downscale writes it."""
     config = {"model": model.config.to_dict(), **({"train": {"downscale": downscale}} if downscale else {})}
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": config, "class_names": list(TABLE.names)}, path)
+    save_checkpoint({"model": model.state_dict(), "config": config, "class_names": list(TABLE.names)}, path)
     return path
 
 
@@ -90,7 +91,7 @@ def test_export_cli_checks_parity_at_real_sizes_and_writes_metadata(exported):
 @pytest.mark.parametrize("shape", [(1, 3, 96, 128), (2, 3, 50, 75)])
 def test_onnx_model_matches_pytorch_at_any_size(exported, shape):
     weights, path, _ = exported
-    model = inference.model_from_checkpoint(run_folder.load_checkpoint(weights), TABLE, weights).eval()
+    model = inference.model_from_checkpoint(load_checkpoint(weights), TABLE, weights).eval()
     onnx_model = onnx_backend.load_onnx(path, TABLE, CPU)
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     images = normalize_batch(pixels, channels_last=True)  # as predict.py hands it over

@@ -20,6 +20,10 @@ import devices  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
 from dataset import ClassTable, normalize_batch  # noqa: E402
+from engine.loop import evaluate
+from engine.loss import SegmentationLoss
+from engine.run import Runtime
+from engine.step import to_device, train_step
 from fcn import FCN, FCNConfig  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -29,8 +33,8 @@ REQUIRED_KEYS = {"device", "data_train_img_s", "data_eval_img_s", "train_eager_i
                  "infer_eager_img_s", "infer_fast_img_s", "infer_fast_latency_ms", "infer_eager_latency_ms",
                  "peak_mem_mb", "flops_per_img", "mfu", "train_size", "train_batch", "infer_size", "infer_batch",
                  "train_speedup", "date", "torch"}
-EAGER = train.Loop(CPU, None, False)
-FAST = train.Loop(CPU, torch.bfloat16, True)  # CPU bf16 autocast runs the same code path as CUDA AMP
+EAGER = Runtime(CPU, None, False)
+FAST = Runtime(CPU, torch.bfloat16, True)  # CPU bf16 autocast runs the same code path as CUDA AMP
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +72,8 @@ def as_fast(model: FCN) -> FCN:
 
 def test_fast_path_keeps_evaluation_metrics(model):
     loader = DataLoader(synthetic_set(4, model), batch_size=2)
-    eager = train.evaluate(model, loader, NUM_CLASSES, EAGER)
-    fast = train.evaluate(as_fast(model), loader, NUM_CLASSES, FAST)
+    eager = evaluate(model, loader, NUM_CLASSES, EAGER)
+    fast = evaluate(as_fast(model), loader, NUM_CLASSES, FAST)
     # A telling comparison: several classes predicted and right; mirroring the predictions halves the MIoU.
     assert sum(iou > 0.2 for iou in eager["iou"]) >= 3 and 0.3 < eager["pixel_accuracy"] < 0.95
     assert abs(fast["miou"] - eager["miou"]) < 0.005  # within half a MIoU point
@@ -82,10 +86,10 @@ def test_fast_path_keeps_training_loss_and_head_gradients(model):
     losses, nets = [], []
     for loop, net in ((EAGER, copy.deepcopy(model).train()), (FAST, as_fast(model).train())):
         torch.manual_seed(2)  # the same dropout masks
-        x, y = train.to_device(images, labels, loop)
+        x, y = to_device(images, labels, loop)
         assert x.is_contiguous(memory_format=torch.channels_last) == loop.channels_last
         with devices.autocast(loop.device, loop.amp):
-            loss = train.SegmentationLoss()(net(x), y)
+            loss = SegmentationLoss()(net(x), y)
         loss.backward()
         losses.append(loss.item())
         nets.append(net)
@@ -171,14 +175,14 @@ def test_amp_on_a_bf16_cpu_runs_training_and_inference_in_bf16_and_the_loss_in_f
     seen, trained = [], copy.deepcopy(model).train()  # copied before the hook, which deepcopy would copy too
     hook = model.backbone.get_submodule("features.0").register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     losses = []
-    real_total = train.SegmentationLoss.total
-    monkeypatch.setattr(train.SegmentationLoss, "total",
+    real_total = SegmentationLoss.total
+    monkeypatch.setattr(SegmentationLoss, "total",
                         lambda self, logits, labels: losses.append(logits.dtype) or real_total(self, logits, labels))
     trained.backbone.get_submodule("features.0").register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     images, labels = synthetic_batch(2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.01)
-    train.train_step(trained, normalize_batch(images), labels.long(), optimizer, scaler, train.SegmentationLoss(), FAST)
+    train_step(trained, normalize_batch(images), labels.long(), optimizer, scaler, SegmentationLoss(), FAST)
     inference.Runner(model, CPU, devices.amp_dtype(CPU, True)).labels(images)
     hook.remove()
     assert seen == [torch.bfloat16, torch.bfloat16] and losses == [torch.float32]

@@ -12,10 +12,17 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import settings_of  # noqa: E402
+
 import dataset  # noqa: E402
 import devices  # noqa: E402
 import train  # noqa: E402
-from budget import Schedule  # noqa: E402
+from engine.build import build_optimizer
+from engine.control import decide_after_step
+from engine.loop import epoch_loss_on_host, evaluate, train_one_epoch  # noqa: E402
+from engine.loss import SegmentationLoss
+from engine.run import EpochProgress, Runtime  # noqa: E402
+from engine.schedule import Schedule, build_scheduler  # noqa: E402
 from evalution_segmentaion import ConfusionMatrix  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
@@ -38,17 +45,17 @@ def test_normalization_constants_are_made_once_per_device(monkeypatch):
                           (torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255))
 
 
-def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, train.Loop]:
+def cuda_run(batches: int) -> tuple[FCN, DataLoader, tuple, Runtime]:
     """A narrow FCN-8s on the GPU with the default fast path (AMP, channels_last, fused SGD) and a pinned
     loader of `batches` batches, the last one smaller (as CamVid's 367 = 45×8 + 7)."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", "vgg16_bn", NUM_CLASSES, fc_width=16)).to(device, memory_format=torch.channels_last)
-    args = train.get_args_parser().parse_args(["--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "5e-4",
-                                               "--epochs", "2", "--warmup-epochs", "1", "--schedule", "poly"])
-    optimizer = train.build_optimizer(model, args, device)
-    scheduler = train.build_scheduler(optimizer, args, batches)
-    loop = train.Loop(device, devices.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
+    optim = settings_of("--optimizer", "sgd", "--lr", "0.01", "--weight-decay", "5e-4", "--epochs", "2",
+                        "--warmup-epochs", "1", "--schedule", "poly").optim
+    optimizer = build_optimizer(model, optim, device)
+    scheduler = build_scheduler(optimizer, optim, batches, budgeted=False)
+    loop = Runtime(device, devices.amp_dtype(device, True), True, log_every=1000, clip_grad=10.0)
     scaler = torch.amp.GradScaler("cuda", enabled=loop.amp == torch.float16)
     count = 2 * batches - 1
     images = torch.randint(0, 256, (count, 3, 64, 96), dtype=torch.uint8)
@@ -69,19 +76,19 @@ def syncs_allowed_from_here(function):
 @needs_cuda
 def test_train_and_eval_loops_never_sync_the_host_before_their_end(monkeypatch):
     model, loader, (optimizer, scheduler, scaler), loop = cuda_run(3)
-    loss_fn = train.SegmentationLoss().cuda()
-    train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 1, train.fresh_progress())
-    train.evaluate(model, loader, NUM_CLASSES, loop)  # warm-up: caches, cuDNN autotuning, lazy CUDA state
+    loss_fn = SegmentationLoss().cuda()
+    train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 1, EpochProgress())
+    evaluate(model, loader, NUM_CLASSES, loop)  # warm-up: caches, cuDNN autotuning, lazy CUDA state
     torch.cuda.synchronize()
     # log_every=1000: the loops' only syncs are the final loss check and metrics
-    monkeypatch.setattr(train, "on_host", syncs_allowed_from_here(train.on_host))
+    monkeypatch.setattr(train, "on_host", syncs_allowed_from_here(epoch_loss_on_host))
     monkeypatch.setattr(ConfusionMatrix, "compute", syncs_allowed_from_here(ConfusionMatrix.compute))
     try:
         torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises a RuntimeError
-        assert train.train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 2,
-                                     train.fresh_progress())
+        assert train_one_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, loop, 2,
+                                     EpochProgress())
         torch.cuda.set_sync_debug_mode("error")
-        metrics = train.evaluate(model, loader, NUM_CLASSES, loop)
+        metrics = evaluate(model, loader, NUM_CLASSES, loop)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert 0 <= metrics["pixel_accuracy"] <= 1
@@ -98,16 +105,16 @@ def test_ranks_agree_only_every_log_every_steps(tmp_path: Path, monkeypatch):
         monkeypatch.setattr(torch.distributed, "all_reduce",
                             lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
         ranks = devices.DistInfo(rank=0, world_size=2)  # the multi-process code path
-        loop = train.Loop(torch.device("cpu"), None, False, ranks, log_every=4)
+        loop = Runtime(torch.device("cpu"), None, False, ranks, log_every=4)
         scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
                                                       Schedule("poly", 100, 1, 0))
-        done, left = train.fresh_progress(), []
+        done, left = EpochProgress(), []
         loop.stop.requested = True
         for _ in range(8):
             scheduler.step()
             done["steps"] += 1
             done["count"] += 1
-            left.append(train.between_steps(loop, scheduler, torch.zeros((), dtype=torch.float64), done, 1,
+            left.append(decide_after_step(loop, scheduler, torch.zeros((), dtype=torch.float64), done, 1,
                                             tqdm(disable=True)))
         assert left == [False, False, False, True] + [False, False, False, True]
         assert len(reduced) == 2  # steps 4 and 8

@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import write_camvid
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -14,11 +15,10 @@ import cfg
 import inference
 import test as test_script
 from cfg import UserError
-from conftest import write_camvid
 from dataset import CamVidDataset, ClassTable, normalize_batch
+from engine.checkpoints import save_checkpoint
 from fcn import FCN, FCNConfig
 from transforms import eval_transform
-import run_folder
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
 
@@ -36,7 +36,7 @@ def model() -> FCN:
 @pytest.fixture(scope="module")
 def weights(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "random.pth"
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return path
 
 

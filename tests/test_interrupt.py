@@ -21,14 +21,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fixtures_dist as fx  # noqa: E402
-from conftest import train_in_process  # noqa: E402
+from conftest import settings_of, train_in_process  # noqa: E402
 
 import devices  # noqa: E402
+import engine.checkpoints  # noqa: E402
+import engine.loop  # noqa: E402
 import inference  # noqa: E402
-import run_folder  # noqa: E402
 import test as test_script  # noqa: E402
 import train  # noqa: E402
-from budget import Schedule  # noqa: E402
+from dataset import ClassTable
+from engine.build import build_optimizer, load_optimizer_state, restore
+from engine.checkpoints import Folder, atomic_write, load_checkpoint, save_checkpoint
+from engine.plots import plot_curves
+from engine.run import EpochProgress, Run, Runtime
+from engine.schedule import Schedule  # noqa: E402
 from fcn import FCN, FCNConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fork")
@@ -118,7 +124,7 @@ def test_sigkill_in_epoch_two_then_resume(data: Path, reference: Path, tmp_path:
     fx.wait_for_file(tmp_path / "run" / "last.pth")  # written in the background while epoch 2 trains
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL
-    saved = run_folder.load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated
+    saved = load_checkpoint(tmp_path / "run" / "last.pth")  # complete, not truncated
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] == 0
     metrics = test_script.main(test_script.get_args_parser().parse_args(
         ["--data-root", str(data), "--split", "val", "--weights", str(tmp_path / "run" / "best.pth"),
@@ -142,7 +148,7 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(data: P
     message = stdout.read_text()
     assert "SIGTERM: stopped in epoch 2 after step" in message
     assert "Resume with the same command plus --resume" in message
-    saved = run_folder.load_checkpoint(tmp_path / "run" / "last.pth")
+    saved = load_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["epoch"] == 1 and saved["partial_epoch"]["steps"] >= 1  # the partial epoch is kept
     results = json.loads((tmp_path / "run" / "results.json").read_text())  # a complete folder, marked unfinished
     assert not results["completed"] and results["stopped_epoch"] == 2 and "SIGTERM" in results["stop_reason"]
@@ -160,20 +166,20 @@ def test_sigint_stops_cleanly_with_a_resume_hint(data: Path, tmp_path: Path):
     assert process.wait(timeout=60) == 0, stderr.read_text()
     assert "SIGINT: stopped in epoch 1" in stdout.read_text()
     assert "Traceback" not in stderr.read_text()
-    assert run_folder.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path: Path):
     target = tmp_path / "last.pth"
-    run_folder.save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, target)
+    save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, target)
 
     def broken(temporary: Path) -> None:
         temporary.write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        run_folder.atomic_write(target, broken)
-    assert torch.equal(run_folder.load_checkpoint(target)["model"]["w"], torch.zeros(3))
+        atomic_write(target, broken)
+    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.zeros(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary left behind
 
 
@@ -182,7 +188,7 @@ def test_atomic_write_flushes_the_file_then_the_folder_to_the_disk(tmp_path: Pat
     flushed, real_fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda handle: (flushed.append(os.readlink(f"/proc/self/fd/{handle}")),
                                                      real_fsync(handle)))
-    run_folder.atomic_write(tmp_path / "results.json", lambda tmp: tmp.write_text("{}"))
+    atomic_write(tmp_path / "results.json", lambda tmp: tmp.write_text("{}"))
     assert [Path(path).name for path in flushed] == [".results.json.tmp%d" % os.getpid(), tmp_path.name]
 
 
@@ -191,20 +197,20 @@ def test_sigkill_during_checkpoint_writes_never_truncates(tmp_path: Path):
     loads whole, holding one of the two states (a forked child: no second interpreter start-up)."""
     target = tmp_path / "last.pth"
     states = [{"model": {"w": torch.full((1 << 20,), float(i))}, "config": {}} for i in range(2)]
-    run_folder.save_checkpoint(states[0], target)
+    save_checkpoint(states[0], target)
     for delay in (0.005, 0.02, 0.05, 0.11, 0.23):
         pid = os.fork()
         if pid == 0:  # the child writes until it is killed
             try:
                 for i in itertools.count(1):
-                    run_folder.save_checkpoint(states[i % 2], target)
+                    save_checkpoint(states[i % 2], target)
             finally:
                 os._exit(1)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL  # killed, not finished
-        weights = run_folder.load_checkpoint(target)["model"]["w"]
+        weights = load_checkpoint(target)["model"]["w"]
         assert weights.shape == (1 << 20,) and float(weights[0]) in (0.0, 1.0)
         assert bool((weights == weights[0]).all())
 
@@ -220,7 +226,7 @@ def test_sigterm_to_the_whole_process_group_with_workers_stops_cleanly(data: Pat
     assert process.wait(timeout=60) == 0, stderr.read_text()
     assert "SIGTERM: stopped in epoch 1" in stdout.read_text()
     assert "Traceback" not in stderr.read_text()
-    assert run_folder.load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
     fx.run(command + ["--resume"])
     assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1", "2"]
 
@@ -230,8 +236,8 @@ def trained_optimizer(channels_last: bool, optimizer: str) -> tuple[torch.nn.Mod
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    args = train.get_args_parser().parse_args(["--optimizer", optimizer, "--lr", "0.01", "--weight-decay", "5e-4"])
-    opt = train.build_optimizer(model, args, torch.device("cpu"))
+    optim = settings_of("--optimizer", optimizer, "--lr", "0.01", "--weight-decay", "5e-4").optim
+    opt = build_optimizer(model, optim, torch.device("cpu"))
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     opt.step()
     return model, opt
@@ -254,7 +260,7 @@ def test_optimizer_state_resumes_with_this_runs_kernels_and_memory_format(optimi
     for group in state["param_groups"]:
         group.update(fused=True, foreach=None)
     model, opt = trained_optimizer(not saved_channels_last, optimizer)
-    train.load_optimizer_state(opt, checkpoint_round_trip(state))
+    load_optimizer_state(opt, checkpoint_round_trip(state))
     assert all(not group["fused"] for group in opt.param_groups)
     moments = 0
     for group, saved_group in zip(opt.param_groups, state["param_groups"]):
@@ -268,17 +274,17 @@ def test_optimizer_state_resumes_with_this_runs_kernels_and_memory_format(optimi
     opt.step()  # the restored state works with this run's kernels
 
 
-def restore_into(scaler: torch.amp.GradScaler, saved_scaler: dict) -> train.Run:
-    """train.restore on a Run that has the pieces restore touches."""
+def restore_into(scaler: torch.amp.GradScaler, saved_scaler: dict) -> Run:
+    """restore on a Run that has the pieces restore touches."""
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule("poly", 2, 4, 0))
-    run = train.Run(None, None, model, optimizer, scheduler, scaler, None, None, None,
-                    train.Loop(torch.device("cpu"), None, False), run_folder.Folder(Path("unused")))
+    run = Run(None, None, model, optimizer, scheduler, scaler, None, None, None,
+              Runtime(torch.device("cpu"), None, False), Folder(Path("unused")))
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": saved_scaler,
              "epoch": 3, "best_miou": 0.5, "history": [],
              "partial_epoch": {"steps": 2, "loss_sum": 1.0, "count": 4, "seconds": 1.5}}  # older key name
-    train.restore(run, checkpoint_round_trip(state))
+    restore(run, checkpoint_round_trip(state))
     return run
 
 
@@ -287,7 +293,7 @@ def test_scaler_state_resumes_whether_saved_empty_or_filled():
     filled = torch.amp.GradScaler("cpu", init_scale=128.0)
     filled.scale(torch.ones(()))  # the scale tensor exists from the first scaled loss on
     run = restore_into(torch.amp.GradScaler("cpu"), {})  # bf16/CPU checkpoint, fp16 run: a fresh scale
-    assert run.start_epoch == 4 and run.done == {"steps": 2, "loss_sum": 1.0, "count": 4, "train_seconds": 0.0}
+    assert run.start_epoch == 4 and run.progress == EpochProgress(steps=2, loss_sum=1.0, count=4, train_seconds=0.0)
     assert restore_into(torch.amp.GradScaler("cpu"), filled.state_dict()).scaler.get_scale() == 128.0
     restore_into(torch.amp.GradScaler("cpu", enabled=False), filled.state_dict())  # fp16 checkpoint, bf16 run
 
@@ -298,10 +304,10 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
     on leaves something to test and resume) and after the last one (always validated and saved), none in
     between; --eval-every 2 leaves epoch 1's val cells empty; best.pth holds what inference needs."""
     saved, plotted = [], []
-    real_save, real_plot = run_folder.save_checkpoint, run_folder.plot_curves
-    monkeypatch.setattr(run_folder, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
+    real_save, real_plot = save_checkpoint, plot_curves
+    monkeypatch.setattr(engine.checkpoints, "save_checkpoint", lambda state, path: (saved.append((Path(path).name, state["epoch"])),
                                                                         real_save(state, path)))
-    monkeypatch.setattr(run_folder, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
+    monkeypatch.setattr(engine.loop, "plot_curves", lambda rows, path: (plotted.append(len(rows)), real_plot(rows, path)))
     monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)  # keep pytest's own signal handlers
     out = tmp_path / "run"
     train.main(train.parse_args(fx.train_args(data, out, "--epochs", "3", "--eval-every", "2",
@@ -317,11 +323,11 @@ def test_checkpoints_follow_save_every_and_unvalidated_epochs_stay_valid_csv(dat
     assert float(rows[0]["val_seconds"]) == 0 < float(rows[1]["val_seconds"])
     # last.pth's history holds the times of the epoch that wrote it too (up to the write itself): a resume
     # rewrites history.csv and results.json's wall_s from it
-    saved = run_folder.load_checkpoint(out / "last.pth")["history"]
+    saved = load_checkpoint(out / "last.pth")["history"]
     assert all(row["train_seconds"] > 0 and row["seconds"] >= row["train_seconds"] for row in saved)
-    best = run_folder.load_checkpoint(out / "best.pth")
+    best = load_checkpoint(out / "best.pth")
     assert set(best) == {"model", "config", "metrics", "class_names", "class_table", "precision", "epoch"}
     assert best["epoch"] in (2, 3) and best["class_table"]["names"] == best["class_names"]
     assert best["metrics"]["miou"] == max(float(rows[1]["val_miou"]), float(rows[2]["val_miou"]))
-    table = train.ClassTable.from_csv(data / "class_dict.csv")
+    table = ClassTable.from_csv(data / "class_dict.csv")
     inference.model_from_checkpoint(best, table, out / "best.pth")  # what test.py, predict.py, --init-from do

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN, real_camvid, run_cli, train_in_process, write_camvid
 from torch import nn
 
-from conftest import SMALL_TRAIN, real_camvid, run_cli, train_in_process, write_camvid
-
+import engine.loop
 import inference
-import run_folder
 import train
 from cfg import UserError
 from dataset import CamVidDataset, ClassTable, parse_splits
+from engine.checkpoints import load_checkpoint
 from engine.ema import WeightAverage
 from engine.loss import SegmentationLoss, class_weights
+from engine.run import Runtime
+from engine.step import backward
 from fcn import FCN, FCNConfig
 
 TABLE = ClassTable.from_csv(Path(__file__).resolve().parents[1] / "data" / "class_dict.csv")
@@ -55,8 +57,8 @@ def two_epochs(camvid: Path, out: Path, *extra: str) -> None:
 
 def test_ema_weights_differ_from_the_trained_ones_and_are_validated_and_saved(camvid, tmp_path):
     two_epochs(camvid, tmp_path, "--ema", "0.5", "--best", "last")
-    last = run_folder.load_checkpoint(tmp_path / "last.pth")
-    best = run_folder.load_checkpoint(tmp_path / "best.pth")
+    last = load_checkpoint(tmp_path / "last.pth")
+    best = load_checkpoint(tmp_path / "best.pth")
     assert last["ema"]["updates"] == 4  # 2 steps an epoch
     averaged, trained = last["ema"]["model"], last["model"]
     assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)
@@ -71,7 +73,7 @@ def test_ema_weights_differ_from_the_trained_ones_and_are_validated_and_saved(ca
 
 def test_ema_off_saves_the_trained_weights(camvid, tmp_path):
     two_epochs(camvid, tmp_path, "--best", "last")
-    last, best = (run_folder.load_checkpoint(tmp_path / name) for name in ("last.pth", "best.pth"))
+    last, best = (load_checkpoint(tmp_path / name) for name in ("last.pth", "best.pth"))
     assert last["ema"] is None and all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
 
 
@@ -91,16 +93,16 @@ def test_aux_outputs_leave_the_logits_alone(variant, coarse):
 
 
 def gradients(aux_weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The gradients of one batch through train.backward, and the loss it reports."""
+    """The gradients of one batch through backward, and the loss it reports."""
     torch.manual_seed(0)
     model = FCN(FCNConfig("fcn8s", "vgg16", 11, fc_width=16)).eval()  # eval: no dropout, the same forward twice
     for layer in (model.score_fr, model.score_pool4, model.score_pool3):
         nn.init.normal_(layer.weight, std=0.5)
     images, labels = torch.randn(2, 3, 32, 64), torch.randint(0, 11, (2, 32, 64))
-    loop = train.Loop(torch.device("cpu"), None, False, aux_weight=aux_weight)
+    loop = Runtime(torch.device("cpu"), None, False, aux_weight=aux_weight)
     loss_fn = SegmentationLoss()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = train.backward(model, images, labels, scaler, loss_fn, loop, loss_fn.denominator(labels))
+    loss = backward(model, images, labels, scaler, loss_fn, loop, loss_fn.denominator(labels))
     return {name: p.grad.clone() for name, p in model.named_parameters()}, loss
 
 
@@ -204,12 +206,12 @@ def test_train_and_val_hold_468_pairs_on_camvid():
 @pytest.fixture
 def worsening(monkeypatch):
     """Validation whose MIoU falls epoch after epoch: the best val epoch is the first."""
-    evaluate, calls = train.evaluate, []
+    evaluate, calls = engine.loop.evaluate, []
 
     def falling(*args, **kwargs):
         calls.append(1)
         return {**evaluate(*args, **kwargs), "miou": 0.5 - 0.1 * len(calls)}
-    monkeypatch.setattr(train, "evaluate", falling)
+    monkeypatch.setattr(engine.loop, "evaluate", falling)
 
 
 def test_training_on_val_says_so_and_keeps_the_last_epoch(camvid, tmp_path, capsys, worsening):
@@ -219,7 +221,7 @@ def test_training_on_val_says_so_and_keeps_the_last_epoch(camvid, tmp_path, caps
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["train_splits"] == ["train", "val"] and results["val_held_out"] is False
     assert results["best_pth"] == "last epoch" and results["best_epoch"] == 2
-    assert run_folder.load_checkpoint(tmp_path / "best.pth")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "best.pth")["epoch"] == 2
     result = run_cli("test.py", "--weights", str(tmp_path / "best.pth"), "--data-root", str(camvid), "--split", "val",
                      "--workers", "0", "--device", "cpu", "--json", str(tmp_path / "val.json"))
     assert "was trained on val (--train-splits train,val): these scores are not held out" in result.stdout
@@ -230,5 +232,7 @@ def test_best_val_is_the_default_when_val_is_held_out(camvid, tmp_path, worsenin
     two_epochs(camvid, tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["val_held_out"] is True and results["best_pth"] == "best val epoch"
-    assert results["best_epoch"] == 1 and run_folder.load_checkpoint(tmp_path / "best.pth")["epoch"] == 1
-    assert train.best_is_last(train.parse_args(["--train-splits", "train,val", "--best", "val"])) is False
+    assert results["best_epoch"] == 1 and load_checkpoint(tmp_path / "best.pth")["epoch"] == 1
+    settings = train.settings_from_args(train.parse_args(["--data-root", str(camvid), "--train-splits", "train,val",
+                                                          "--best", "val"]))
+    assert settings.data.val_trained_on and not settings.keep_last

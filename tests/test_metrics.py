@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import reactive_checkpoint
 
 import cfg
-from conftest import reactive_checkpoint
+from engine.loop import evaluate
+from engine.run import Runtime
 from evalution_segmentaion import ConfusionMatrix, metrics_from_confusion
 
 V = cfg.IGNORE_INDEX
@@ -88,8 +90,7 @@ def echo_loader(batch_size: int) -> torch.utils.data.DataLoader:
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_evaluate_counts_every_batch_of_the_split(batch_size):
-    import train
-    m = train.evaluate(EchoModel(), echo_loader(batch_size), 3, train.Loop(torch.device("cpu"), None, False))
+    m = evaluate(EchoModel(), echo_loader(batch_size), 3, Runtime(torch.device("cpu"), None, False))
     assert m["pixel_accuracy"] == pytest.approx(7 / 10)
     assert m["iou"] == pytest.approx([2 / 4, 2 / 5, 3 / 4])  # 2 / (4 + 2 - 2), 2 / (3 + 4 - 2), 3 / (3 + 4 - 3)
     assert m["class_accuracy"] == pytest.approx([2 / 4, 2 / 3, 3 / 3])

@@ -4,10 +4,13 @@ import urllib.error
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import settings_of
 from torchvision import models
 
+import engine.build
 import fcn
 from cfg import UserError
+from engine.build import build_model
 from fcn import FCN, FCNConfig, bilinear_kernel, upsampler
 
 
@@ -92,13 +95,12 @@ def test_pretrained_wrong_backbone_file(tmp_path):
 
 def test_pretrained_narrowed_hidden_layers_are_refused_before_any_download(monkeypatch):
     """train.py --fc-width 1024 --pretrained: refused before the 0.5 GB download, and before building the model."""
-    import train
     from dataset import ClassTable
     monkeypatch.setattr(fcn, "imagenet_state_dict", lambda name: pytest.fail("downloaded before the check"))
-    monkeypatch.setattr(train, "FCN", lambda config: pytest.fail("built before the check"))
-    args = train.parse_args(["--backbone", "vgg16", "--fc-width", "1024", "--pretrained"])
+    monkeypatch.setattr(engine.build, "FCN", lambda config: pytest.fail("built before the check"))
+    settings = settings_of("--backbone", "vgg16", "--fc-width", "1024", "--pretrained")
     with pytest.raises(UserError, match="--fc-width 1024; drop --fc-width"):
-        train.build_model(args, ClassTable.from_csv(fcn.cfg.DEFAULT_CLASS_DICT), None)
+        build_model(settings.model, ClassTable.from_csv(fcn.cfg.DEFAULT_CLASS_DICT), None, settings.run.out)
 
 
 def test_pretrained_without_network_is_one_clear_error(monkeypatch):

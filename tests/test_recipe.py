@@ -3,13 +3,18 @@ flag traced from the command line through train.setup() to what the run does."""
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN, settings_of
 
 import cfg
-import run_folder
 import train
 import transforms
-from conftest import SMALL_TRAIN
-from engine.loss import class_weights, median_frequency_weights
+from dataset import CamVidDataset, ClassTable
+from engine.build import build_optimizer, init_from
+from engine.checkpoints import save_checkpoint
+from engine.loss import SegmentationLoss, class_weights, median_frequency_weights
+from engine.run import Runtime
+from engine.schedule import build_scheduler
+from engine.step import train_step
 from fcn import FCN, FCNConfig, bilinear_kernel
 
 V = cfg.IGNORE_INDEX
@@ -57,7 +62,7 @@ def test_plain_loss_is_cross_entropy_ignoring_void():
     labels[0, 0] = V
     kept = labels != V
     per_pixel = -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=2)[:, None])[:, 0]
-    assert train.SegmentationLoss()(logits, labels) == pytest.approx(per_pixel[kept].mean().item(), rel=1e-5)
+    assert SegmentationLoss()(logits, labels) == pytest.approx(per_pixel[kept].mean().item(), rel=1e-5)
 
 
 def test_ohem_keeps_the_hardest_fraction():
@@ -66,10 +71,10 @@ def test_ohem_keeps_the_hardest_fraction():
     labels = torch.zeros(1, 1, 4, dtype=torch.long)
     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").flatten()
     expected = losses.sort(descending=True).values[:2].mean()
-    assert train.SegmentationLoss(ohem_fraction=0.5)(logits, labels) == pytest.approx(expected.item())
+    assert SegmentationLoss(ohem_fraction=0.5)(logits, labels) == pytest.approx(expected.item())
     # With 2 of 4 pixels void, the hardest 3 of 4 are the 2 labelled ones: their mean, not their sum over 3
     labels[0, 0, :2] = V
-    assert train.SegmentationLoss(ohem_fraction=0.75)(logits, labels) == pytest.approx(losses[2:].mean().item())
+    assert SegmentationLoss(ohem_fraction=0.75)(logits, labels) == pytest.approx(losses[2:].mean().item())
 
 
 class Masks:
@@ -101,10 +106,10 @@ def test_median_frequency_weights_by_hand(tmp_path):
 
 def test_poly_schedule_with_warmup():
     model = torch.nn.Linear(2, 2)
-    args = train.parse_args(["--optimizer", "sgd", "--schedule", "poly", "--warmup-epochs", "1", "--epochs", "3",
-                             "--lr", "1.0"])
-    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
-    scheduler = train.build_scheduler(optimizer, args, steps_per_epoch=2)
+    optim = settings_of("--optimizer", "sgd", "--schedule", "poly", "--warmup-epochs", "1", "--epochs", "3",
+                        "--lr", "1.0").optim
+    optimizer = build_optimizer(model, optim, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch=2, budgeted=False)
     lrs = []
     for _ in range(6):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -126,7 +131,7 @@ def decay_of(optimizer):
 
 def test_no_weight_decay_on_bias_and_batchnorm():
     model = tiny_model()
-    optimizer = train.build_optimizer(model, train.parse_args(["--weight-decay", "5e-4"]), torch.device("cpu"))
+    optimizer = build_optimizer(model, settings_of("--weight-decay", "5e-4").optim, torch.device("cpu"))
     decay = decay_of(optimizer)
     assert [decay[id(p)] for p in model.parameters()] == [5e-4, 0, 0, 0, 5e-4, 0]  # conv w, b, BN w, b, conv w, b
 
@@ -134,11 +139,11 @@ def test_no_weight_decay_on_bias_and_batchnorm():
 def one_step(flags, clip_grad=0.0):
     """The model after one train_step with the optimizer the flags build (one fixed batch)."""
     model = tiny_model()
-    optimizer = train.build_optimizer(model, train.parse_args(flags), torch.device("cpu"))
-    loop = train.Loop(torch.device("cpu"), None, False, clip_grad=clip_grad)
+    optimizer = build_optimizer(model, settings_of(*flags).optim, torch.device("cpu"))
+    loop = Runtime(torch.device("cpu"), None, False, clip_grad=clip_grad)
     images, labels = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(2, 4, 4).long()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(model, images, labels, optimizer, scaler, train.SegmentationLoss(), loop)
+    train_step(model, images, labels, optimizer, scaler, SegmentationLoss(), loop)
     return model
 
 
@@ -169,9 +174,9 @@ def test_init_from_keeps_bilinear_upsamplers_and_zero_scores(tmp_path):
         for parameter in coarse.parameters():
             parameter.add_(torch.randn_like(parameter))
     path = tmp_path / "fcn32s.pth"
-    run_folder.save_checkpoint({"model": coarse.state_dict(), "config": {"model": coarse.config.to_dict()}}, path)
+    save_checkpoint({"model": coarse.state_dict(), "config": {"model": coarse.config.to_dict()}}, path)
     fine = FCN(FCNConfig("fcn16s", "vgg16", 11, fc_width=8))
-    train.init_from(fine, str(path), train.ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
+    init_from(fine, str(path), ClassTable.from_csv(cfg.DEFAULT_CLASS_DICT))
     source, target = coarse.state_dict(), fine.state_dict()
     for name in source:
         if not name.startswith("upscore."):  # the 32x upsampler has no place in FCN-16s
@@ -205,7 +210,7 @@ def test_recipe_optimizer_and_schedule_reach_setup(recipe_run, plain_run):
     assert {(g["initial_lr"], g["momentum"]) for g in optimizer.param_groups} == {(0.01, 0.9)}
     decay = decay_of(optimizer)
     assert all(decay[id(p)] == (5e-4 if p.ndim > 1 else 0) for p in recipe_run.model.parameters())
-    assert recipe_run.loop.clip_grad == 10.0 and plain_run.loop.clip_grad == 0.0
+    assert recipe_run.runtime.clip_grad == 10.0 and plain_run.runtime.clip_grad == 0.0
     factor = recipe_run.scheduler.lr_lambdas[0]  # 300 epochs x 2 steps, 5 warm-up epochs = 10 steps
     assert [factor(step) for step in (0, 4, 9, 10)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
     assert [factor(step) for step in (305, 599)] == pytest.approx([0.5 ** 0.9, (1 / 590) ** 0.9])
@@ -229,7 +234,7 @@ def test_recipe_augmentation_reaches_the_train_set(recipe_run, plain_run):
 
 def test_loss_val_crop_and_cache_flags_reach_setup(recipe_run, plain_run, camvid):
     loss = recipe_run.loss_fn
-    expected = median_frequency_weights(train.CamVidDataset(camvid, "train", train.ClassTable.from_csv(
+    expected = median_frequency_weights(CamVidDataset(camvid, "train", ClassTable.from_csv(
         cfg.DEFAULT_CLASS_DICT)), 11).clamp(max=10.0)  # --class-weight-cap's default
     assert loss.ohem_fraction == 0.25 and torch.allclose(loss.weight, expected)
     assert plain_run.loss_fn.weight is None and plain_run.loss_fn.ohem_fraction == 0

@@ -3,18 +3,19 @@
 at the start, every epoch and the end, and --tensorboard writes events TensorBoard reads back."""
 from __future__ import annotations
 
-import ast
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_TRAIN, run_cli, train_in_process
 
-import run_folder
 import train
 from cfg import UserError
-from conftest import REPO, SMALL_TRAIN, run_cli, train_in_process
+from engine import budget
+from engine.checkpoints import RUN_FILES, check_resume, load_checkpoint
+from engine.report import estimate_line
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def one_line_error(result) -> str:
 
 def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(finished, camvid):
     before = snapshot(finished)
-    assert set(run_folder.RUN_FILES) <= set(before)
+    assert set(RUN_FILES) <= set(before)
     line = one_line_error(run_cli("train.py", *flags(camvid, finished, "--epochs", "3"), check=False))
     assert "already holds a run" in line and "--resume" in line and f"--out {finished}-2" in line
     assert snapshot(finished) == before
@@ -75,11 +76,11 @@ def test_resume_refuses_a_change_it_would_ignore_in_one_line(finished, camvid, c
 
 
 def test_resume_refuses_another_process_count(finished, camvid):
-    args = train.parse_args(flags(camvid, finished, "--epochs", "3", "--resume"))
-    config = run_folder.load_checkpoint(finished / "last.pth")["config"]
+    settings = train.settings_from_args(train.parse_args(flags(camvid, finished, "--epochs", "3", "--resume")))
+    config = load_checkpoint(finished / "last.pth")["config"]
     assert config["world_size"] == 1
     with pytest.raises(UserError, match=r"was trained by 1 process\(es\), this run has 2: resume with 1"):
-        run_folder.check_resume(args, config, finished / "last.pth", world_size=2)
+        check_resume(settings, config, finished / "last.pth", world_size=2)
 
 
 def test_a_refused_resume_exits_2_with_one_line_and_loses_nothing(finished, camvid):
@@ -113,9 +114,9 @@ def test_a_days_long_run_says_so_after_its_first_steps(camvid, tmp_path, monkeyp
     """A slow pace (as the full recipe on a CPU): the estimate printed after the first few steps says days."""
     args = train.parse_args(flags(camvid, tmp_path / "run", "--epochs", "300", "--log-every", "4"))
     run = train.setup(args)
-    monkeypatch.setattr(train.time_budget, "process_age", lambda: 60.0)
+    monkeypatch.setattr(budget, "process_age", lambda: 60.0)
     # 2 steps an epoch (10 min) and a validation of 3 images guessed at a third of a step each (2.5 min)
-    line = train.estimate_line(run, per_step=300.0)
+    line = estimate_line(run, per_step=300.0)
     assert line == "pace     300.00 s a step, ~12.5m an epoch: the whole run (300 epochs) takes about 2.7d"
 
 
@@ -128,7 +129,7 @@ def test_tensorboard_events_hold_the_scalars_and_the_samples(camvid, tmp_path):
     tags = events.Tags()
     assert {"train/loss", "train/lr", "val/loss", "val/miou", "val/pa", "val/mpa", "val_iou/Sky",
             "val_iou/Bicyclist"} <= set(tags["scalars"])
-    history = run_folder.load_checkpoint(out / "last.pth")["history"]
+    history = load_checkpoint(out / "last.pth")["history"]
     assert [event.step for event in events.Scalars("val/miou")] == [1, 2]
     assert [event.value for event in events.Scalars("val/miou")] == pytest.approx([row["val_miou"] for row in history])
     assert [event.value for event in events.Scalars("train/lr")] == pytest.approx([row["lr"] for row in history])
@@ -140,15 +141,3 @@ def test_tensorboard_missing_is_one_line_naming_the_install(camvid, tmp_path, mo
     with pytest.raises(UserError, match=r"^--tensorboard needs TensorBoard: pip install tensorboard$"):
         train.setup(train.parse_args(flags(camvid, tmp_path / "run", "--tensorboard")))
     assert not (tmp_path / "run").exists()
-
-
-def test_nothing_below_train_py_imports_it():
-    """The modules train.py wires together (budget, run_folder, devices, inference, ...) take what they need:
-    none of them imports train, not even for type hints."""
-    for path in sorted(REPO.glob("*.py")):
-        if path.name in ("train.py", "bench.py"):  # bench.py times train.py's own steps
-            continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        assert "train" not in imported, path.name

@@ -4,7 +4,7 @@ the run completed (its last epoch validated and saved, the lr at 0 at its last s
     python tools/budget_sim.py                      # 10 to 30 minutes, every minute
     python tools/budget_sim.py --step 7 --seeds 3   # 172 budgets, 3 random draws each
 
-A simulated clock drives budget.Budget, budget.Schedule and run_folder.Folder's checkpoint cadence, the objects
+A simulated clock drives engine.budget.Budget, engine.schedule.Schedule and engine.checkpoints.Folder's checkpoint cadence, the objects
 train.py drives, in the order train.py calls them; only the seconds are made up. Cost models: CPU-like (the
 quarter-resolution CPU recipe: 46 steps of ~0.76 s, validation 3 s every second epoch, a small checkpoint) and
 GPU-like (an epoch of 2 s, validation 0.5 s, a 3 s checkpoint), each steady, wandering +-20 % from epoch to
@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from budget import Budget, BudgetTooSmall, Schedule  # noqa: E402
-from run_folder import Folder  # noqa: E402
+from engine.budget import Budget, BudgetTooSmall  # noqa: E402
+from engine.schedule import Schedule  # noqa: E402
+from engine.checkpoints import Folder  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,11 @@
-"""Everything a training run writes, and reads back on --resume: atomic files, checkpoints and their cadence,
-history.csv, the plots, results.json, and the checks that a folder may be written or resumed.
+"""What a training run keeps on disk and reads back on --resume: atomic files, last.pth and best.pth and their
+cadence (written in the background), results.json, and the checks that a folder may be written or resumed.
 
-Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) train.py leaves the folder
+Whatever ends a run (its last epoch, a stop signal, the time budget, a divergence) the loop leaves the folder
 with last.pth, best.pth (from the first validated epoch on), history.csv, curves.png, val_samples.png and a
-results.json that says whether the run completed and, if not, why and where it stopped. Nothing here knows
-train.py: it takes the pieces it writes."""
+results.json that says whether the run completed and, if not, why and where it stopped."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -16,14 +14,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from cfg import UserError
-from dataset import ClassTable, colorize
+from dataset import ClassTable
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
 
 # What a run leaves in its folder: a folder holding any of them holds a run.
 RUN_FILES = ("last.pth", "best.pth", "history.csv", "results.json", "curves.png", "val_samples.png")
@@ -54,6 +53,18 @@ def fsync(path: Path) -> None:
         os.close(handle)
 
 
+def write_history(rows: list[dict], path: str | Path) -> None:
+    """history.csv from the rows kept in the checkpoint, so the two never disagree."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            columns = dict.fromkeys(key for row in rows for key in row)  # rows of older runs may lack some
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+    if rows:
+        atomic_write(path, write)
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """torch.save a checkpoint dict atomically: a crash never leaves a truncated file."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -72,98 +83,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path}: not a checkpoint of this project (no model/config entries)")
     return state
-
-
-def write_history(rows: list[dict], path: str | Path) -> None:
-    """history.csv from the rows kept in the checkpoint, so the two never disagree."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            columns = dict.fromkeys(key for row in rows for key in row)  # rows of older runs may lack some
-            writer = csv.DictWriter(handle, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(rows)
-    if rows:
-        atomic_write(path, write)
-
-
-def plot_curves(rows: list[dict], path: str | Path) -> None:
-    """Loss and validation metric curves per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    validated = [row for row in rows if row["val_miou"] is not None]  # --eval-every skips some epochs
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot([row["epoch"] for row in rows], [row["train_loss"] for row in rows], label="train")
-    loss_axis.plot([row["epoch"] for row in validated], [row["val_loss"] for row in validated], label="val")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for key, label in (("val_miou", "MIoU"), ("val_pa", "PA"), ("val_mpa", "MPA")):
-        metric_axis.plot([row["epoch"] for row in validated], [row[key] for row in validated], label=label)
-    metric_axis.set(xlabel="epoch", ylim=(0, 1), title="validation")
-    for axis in (loss_axis, metric_axis):
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-    plt.close(figure)
-
-
-def sample_grid(images: torch.Tensor, truth: torch.Tensor, prediction: torch.Tensor, table: ClassTable) -> Image.Image:
-    """Rows of photo | truth | prediction for a few samples (uint8 N×3×H×W images, N×H×W labels), and below
-    them the colour of every class."""
-    rows = []
-    for image, target, predicted in zip(images.cpu(), truth.cpu().numpy(), prediction.cpu().numpy()):
-        rows.append(np.concatenate([image.permute(1, 2, 0).numpy(), colorize(target, table),
-                                    colorize(predicted, table)], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    return Image.fromarray(np.concatenate([grid, legend(table, grid.shape[1])], axis=0))
-
-
-def legend(table: ClassTable, width: int) -> np.ndarray:
-    """H×width×3 uint8: a swatch and the name of each class (and void), wrapped into as many lines as needed."""
-    entries = list(zip(table.names, table.colors.tolist()))
-    if len(table.void_colors):
-        entries.append(("void", table.void_colors[0].tolist()))
-    line_height, swatch, gap, char_width = 14, 10, 10, 6  # PIL's default bitmap font is about 6 px a character
-    lines, x = [[]], 0
-    for name, color in entries:
-        needed = swatch + 3 + char_width * len(name) + gap
-        if x + needed > width and lines[-1]:
-            lines.append([])
-            x = 0
-        lines[-1].append((x, name, color))
-        x += needed
-    canvas = Image.new("RGB", (width, line_height * len(lines) + 4), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, line in enumerate(lines):
-        top = 2 + row * line_height
-        for left, name, color in line:
-            draw.rectangle([left + 2, top + 1, left + 2 + swatch, top + 1 + swatch], fill=tuple(color), outline="black")
-            draw.text((left + swatch + 5, top), name, fill="black")
-    return np.asarray(canvas)
-
-
-def run_results(history: list[dict], config: dict, device: str, command: str, last: bool = False) -> dict:
-    """results.json of a run: the metrics of the best val epoch (with `last`, of the last validated one: the
-    epoch best.pth holds; null before the first validation) and how the run was made. wall_s sums the epochs'
-    own time, start-up excluded."""
-    validated = [row for row in history if row["val_miou"] is not None]
-    pick = (lambda rows: rows[-1]) if last else (lambda rows: max(rows, key=lambda row: row["val_miou"]))
-    best = pick(validated) if validated else {}
-    train = config.get("train", {})
-    return {"split": "val", "miou": best.get("val_miou"), "pixel_accuracy": best.get("val_pa"),
-            "mean_pixel_accuracy": best.get("val_mpa"),
-            "iou": {key[len("iou_"):]: value for key, value in best.items() if key.startswith("iou_")},
-            "best_epoch": best.get("epoch"), "device": device, "epochs": history[-1]["epoch"] if history else 0,
-            "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
-            "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
-            "date": time.strftime("%Y-%m-%d")}
-
-
-def run_config(model_config: dict, args: argparse.Namespace, world_size: int) -> dict:
-    """The resolved configuration: the model's, every training flag (paths as strings) and the process count."""
-    return {"model": model_config, "world_size": world_size,
-            "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
 
 @dataclass
@@ -199,24 +118,6 @@ def best_state(model: torch.nn.Module, config: dict, epoch: int, metrics: dict, 
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"model": weights, "config": config, "metrics": metrics, "epoch": epoch, "precision": precision,
             **class_entries(table)}
-
-
-def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
-    """One history.csv row: the issue's columns, then the per-class IoU; val columns are None (empty in
-    the csv) for an epoch --eval-every skipped. The *seconds columns are filled by set_times."""
-    val = metrics or {}
-    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val.get("loss"),
-           "val_pa": val.get("pixel_accuracy"), "val_mpa": val.get("mean_pixel_accuracy"),
-           "val_miou": val.get("miou"), "seconds": 0.0, "train_seconds": 0.0, "val_seconds": 0.0,
-           "other_seconds": 0.0}
-    row.update({f"iou_{name}": val["iou"][i] if val else None for i, name in enumerate(names)})
-    return row
-
-
-def set_times(row: dict, train: float, val: float, other: float) -> None:
-    """Where the epoch's wall time went: training, validation, everything else (logs, plots, checkpoints)."""
-    row.update(train_seconds=round(train, 3), val_seconds=round(val, 3), other_seconds=round(other, 3))
-    row["seconds"] = round(train + val + other, 3)
 
 
 @dataclass
@@ -304,13 +205,6 @@ def snapshot(value):
     return value
 
 
-def write_samples(images: torch.Tensor, labels: torch.Tensor, prediction: torch.Tensor, table: ClassTable,
-                  path: Path) -> None:
-    """val_samples.png: a few val images with truth and prediction side by side."""
-    grid = sample_grid(images, labels, prediction, table)
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
 def holds_a_run(out: Path) -> list[str]:
     """The run files a folder already holds (none: a new run may start there)."""
     return [name for name in RUN_FILES if (out / name).exists()]
@@ -334,16 +228,16 @@ def fresh_folder(out: Path) -> Path:
     return out.with_name(f"{out.name}-{number}")
 
 
-def load_resume(args: argparse.Namespace, world_size: int) -> dict:
-    """last.pth of the run folder, or one line saying what happened and what to run instead."""
-    path = args.out / "last.pth"
-    if not args.out.is_dir():
-        raise UserError(f"--resume: no run folder {args.out}; start the run without --resume")
+def load_resume(out: Path, settings: Settings, world_size: int) -> dict:
+    """last.pth of the run folder `out`, or one line saying what happened and what to run instead."""
+    path = out / "last.pth"
+    if not out.is_dir():
+        raise UserError(f"--resume: no run folder {out}; start the run without --resume")
     if not path.is_file():
-        raise UserError(f"--resume: {path} does not exist: the run in {args.out} stopped before it saved a "
+        raise UserError(f"--resume: {path} does not exist: the run in {out} stopped before it saved a "
                         f"checkpoint (its first validated epoch); start it again without --resume")
     state = load_checkpoint(path)
-    check_resume(args, state["config"], path, world_size)
+    check_resume(settings, state["config"], path, world_size)
     return state
 
 
@@ -351,27 +245,27 @@ def load_resume(args: argparse.Namespace, world_size: int) -> dict:
 KEPT_ON_RESUME = ("optimizer", "lr", "weight_decay", "momentum", "schedule", "backbone_lr_mult")
 
 
-def check_resume(args: argparse.Namespace, config: dict, path: Path, world_size: int) -> None:
-    """Refuse, in one line, a --resume whose flags would silently change what last.pth means: the process
+def check_resume(settings: Settings, config: dict, path: Path, world_size: int) -> None:
+    """Refuse, in one line, a --resume whose settings would silently change what last.pth means: the process
     count and the samples per optimizer step (they define the schedule's length and the position inside an
     epoch), and the optimiser's settings that the saved state would override."""
-    saved = config.get("train", {})
+    saved, optim, batch_size = config.get("train", {}), settings.optim, settings.data.batch_size
     saved_world = config.get("world_size", world_size)  # older checkpoints did not record it
     if saved_world != world_size:
         raise UserError(f"--resume: {path} was trained by {saved_world} process(es), this run has {world_size}: "
                         f"resume with {saved_world} (torchrun --nproc_per_node), or start a new run from its "
                         f"weights with --init-from {path} and another --out")
-    batch, accum = saved.get("batch_size", args.batch_size), saved.get("accum_steps", 1)
+    batch, accum = saved.get("batch_size", batch_size), saved.get("accum_steps", 1)
     images = batch * accum
-    if args.batch_size * args.accum_steps != images:
+    if batch_size * optim.accum_steps != images:
         example = f"--batch-size {images // 2} --accum-steps 2" if images % 2 == 0 else f"--batch-size {images}"
         raise UserError(f"--resume: {path} was trained with {images} images per optimizer step per process "
                         f"(--batch-size {batch} --accum-steps {accum}), this run asks for "
-                        f"{args.batch_size * args.accum_steps}: keep the product (e.g. {example})")
+                        f"{batch_size * optim.accum_steps}: keep the product (e.g. {example})")
     for name in KEPT_ON_RESUME:
-        if name == "momentum" and args.optimizer != "sgd":
+        if name == "momentum" and optim.optimizer != "sgd":
             continue  # Adam has no momentum: the flag means nothing there
-        was, now = saved.get(name, getattr(args, name)), getattr(args, name)
+        was, now = saved.get(name, getattr(optim, name)), getattr(optim, name)
         if was != now:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"--resume: {path} was trained with {flag} {was}, this run asks for {now}: resume "
