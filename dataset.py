@@ -17,7 +17,7 @@ import cfg
 from camvid.check import check_dataset, check_pair
 from camvid.classes import ClassTable, MaskEncoder, color_hash, colorize, packed_color_hash
 from camvid.download import convert_index_release, download, download_camvid
-from camvid.label_cache import LabelCache, add_label_cache_args, default_label_cache, label_cache_from_args
+from camvid.label_cache import LabelCache, add_label_cache_args, default_label_cache, label_cache_at
 from camvid.layout import (CAMVID_PAIRS, camvid_contents, check_data_root, find_pairs, find_split_pairs,
                            parse_splits, read_image, read_rgb, resolve_class_dict)
 from cfg import UserError
@@ -27,7 +27,7 @@ __all__ = [  # this module's own names, then those it re-exports from camvid/ fo
     "normalization_constants", "normalize_batch",
     "CAMVID_PAIRS", "ClassTable", "LabelCache", "MaskEncoder", "add_label_cache_args", "camvid_contents",
     "check_data_root", "check_pair", "color_hash", "colorize", "convert_index_release", "default_label_cache",
-    "download_camvid", "find_pairs", "label_cache_from_args", "packed_color_hash", "parse_splits", "read_image",
+    "download_camvid", "find_pairs", "label_cache_at", "packed_color_hash", "parse_splits", "read_image",
     "resolve_class_dict",
 ]
 

@@ -30,9 +30,10 @@ def add_label_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-label-cache", action="store_true", help="decode and encode every mask every time")
 
 
-def label_cache_from_args(args: argparse.Namespace) -> "LabelCache | None":
-    """The LabelCache the flags ask for; made in the main process so workers inherit its state."""
-    return None if args.no_label_cache else LabelCache(args.label_cache or default_label_cache())
+def label_cache_at(folder: str | Path | None, disabled: bool) -> "LabelCache | None":
+    """The LabelCache that --label-cache DIR (folder; None: the default) and --no-label-cache (disabled) ask
+    for; made in the main process so workers inherit its state."""
+    return None if disabled else LabelCache(folder or default_label_cache())
 
 
 @functools.lru_cache(maxsize=16)
