@@ -35,7 +35,7 @@ from dataset import (
     ClassTable,
     add_label_cache_args,
     check_data_root,
-    label_cache_from_args,
+    label_cache_at,
     resolve_class_dict,
 )
 from fcn import BACKBONES, FCN
@@ -178,7 +178,8 @@ def main(args: argparse.Namespace) -> dict:
     table = ClassTable.from_csv(resolve_class_dict(args.data_root))
     modes = {"eager": Mode("eager"), "fast": fast_mode(args, device)}
     result = run_info(args, plan, device, modes)
-    result.update(measure_data(args.data_root, table, plan, device, label_cache_from_args(args)))
+    label_cache = label_cache_at(args.label_cache, args.no_label_cache)
+    result.update(measure_data(args.data_root, table, plan, device, label_cache))
     result["matmul_side"] = 1024 if args.quick else MATMUL_SIDE
     result.update(measure_models(plan, modes, device, table.num_classes, result["matmul_side"]))
     # Only a GPU's train rate says how many workers a real run needs; the CPU plan is a smaller model.

@@ -14,7 +14,7 @@ import cfg
 import devices
 import inference
 from cfg import UserError
-from dataset import (CamVidDataset, add_label_cache_args, check_data_root, label_cache_from_args,
+from dataset import (CamVidDataset, add_label_cache_args, check_data_root, label_cache_at,
                      resolve_class_dict)
 from engine.checkpoints import atomic_write
 from engine.plots import write_samples
@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> dict:
     model, table = trained.model, trained.table
     transform = eval_transform(cfg.CROP_SIZE if args.crop else None, args.downscale)
     dataset = CamVidDataset(args.data_root, args.split, table, transform, args.limit,
-                            label_cache=label_cache_from_args(args))
+                            label_cache=label_cache_at(args.label_cache, args.no_label_cache))
     scoring = scoring_of(trained, dataset, args)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     amp = devices.amp_dtype(device, args.amp)
