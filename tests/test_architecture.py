@@ -30,3 +30,12 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path):
     graph = import_graph.import_graph(tmp_path)
     assert graph == {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     assert import_graph.cycles(graph) == [["a", "b", "c", "a"]]
+
+
+def test_train_py_stays_a_short_cli_and_no_module_grows_past_450_lines():
+    """One concern a module: train.py is the command line (at most 300 lines), and no module or package file of
+    the project is over 450 lines."""
+    modules = import_graph.project_modules()
+    lines = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules.items()}
+    assert lines["train"] <= 300
+    assert {name: count for name, count in lines.items() if count > 450} == {}
