@@ -36,12 +36,13 @@ def test_settings_hold_the_flags(camvid):
             name = {"root": "data_root", "variant": "model"}.get(field.name, field.name)
             value = getattr(group, field.name)
             if name in ("train_splits", "crop_size", "scale", "time_budget", "class_weight_cap", "label_cache",
-                        "data_root", "class_dict", "out"):
+                        "data_root", "class_dict", "out", "eval_every"):
                 continue  # parsed or resolved: checked below
             assert value == flags[name], name
     assert settings.data.train_splits == ("train", "val") and settings.data.crop_size == (88, 120)
     assert settings.data.scale == (0.5, 2.0) and settings.run.time_budget == 120.0
     assert settings.loss.class_weight_cap is None  # 0: uncapped
+    assert settings.run.eval_every is None  # the recipe's auto: the cadence follows the measured costs
     assert settings.run.out == Path("weights/camvid-cpu") and settings.data.class_dict == camvid / "class_dict.csv"
     assert settings.flags["train_splits"] == "train,val" and settings.flags["out"] == "weights/camvid-cpu"
 
