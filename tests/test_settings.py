@@ -27,7 +27,8 @@ def test_flags_and_recipes_resolve_as_recorded(recipe):
 
 def test_settings_hold_the_flags(camvid):
     argv = ["--data-root", str(camvid), "--recipe", "camvid-cpu", "--train-splits", "train,val", "--ema", "0.99",
-            "--aux-weight", "0.3", "--class-weights", "median-freq", "--class-weight-cap", "0", "--time-budget", "2m"]
+            "--aux-weight", "0.3", "--class-weights", "median-freq", "--class-weight-cap", "0", "--time-budget", "2m",
+            "--eval-every", "auto"]
     args = train.parse_args(argv)
     settings = train.settings_from_args(args)
     flags = vars(args)
@@ -42,7 +43,7 @@ def test_settings_hold_the_flags(camvid):
     assert settings.data.train_splits == ("train", "val") and settings.data.crop_size == (88, 120)
     assert settings.data.scale == (0.5, 2.0) and settings.run.time_budget == 120.0
     assert settings.loss.class_weight_cap is None  # 0: uncapped
-    assert settings.run.eval_every is None  # the recipe's auto: the cadence follows the measured costs
+    assert settings.run.eval_every is None  # auto: the cadence follows the measured costs
     assert settings.run.out == Path("weights/camvid-cpu") and settings.data.class_dict == camvid / "class_dict.csv"
     assert settings.flags["train_splits"] == "train,val" and settings.flags["out"] == "weights/camvid-cpu"
 
