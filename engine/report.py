@@ -178,7 +178,9 @@ def write_results(run: Run, stopped: str | None = None, epoch: int | None = None
     results.update(completed=stopped is None, precision=devices.precision_name(runtime.amp),
                    train_splits=list(settings.data.train_splits), val_held_out=not settings.data.val_trained_on,
                    best_pth="last epoch" if settings.keep_last else "best val epoch", ema=settings.run.ema or None,
-                   eval_every=run.cadence.every, **devices.peak_memory(runtime.device))
+                   eval_every=settings.run.eval_every or "auto",
+                   validated_epochs=sum(row["val_miou"] is not None for row in run.history),
+                   **devices.peak_memory(runtime.device))
     if stopped is not None:
         results.update(stop_reason=stopped, stopped_epoch=epoch)
     if runtime.budget is not None:
