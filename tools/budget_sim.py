@@ -120,7 +120,7 @@ def simulate(seconds: float, costs: Costs, seed: int = 0, max_epochs: int = 1000
 
 def train_epoch(budget: Budget, schedule: Schedule, clock: Clock, pace: float, step: int, epoch: int, steps: int,
                 log_every: int) -> tuple[int, bool]:
-    """train_one_epoch and between_steps: the global step reached, and whether the run stopped."""
+    """train_one_epoch and decide_after_step: the global step reached, and whether the run stopped."""
     budget.begin_epoch()
     for done in range(1, steps + 1):
         clock.now += pace

@@ -127,7 +127,7 @@ MUTANTS = [
            "            nn.init.normal_(layer.weight, std=0.01)\n", RECIPE),
     # gradient accumulation
     Mutant("accum-per-batch-mean", "engine/step.py", "scaler.scale(total / denominator).backward()",
-           "scaler.scale(total / nonzero(loss_fn.denominator(labels)) / loop.accum_steps).backward()", ACCUM),
+           "scaler.scale(total / safe_denominator(loss_fn.denominator(labels)) / runtime.accum_steps).backward()", ACCUM),
     Mutant("accum-resume-skips-batches-not-steps", "engine/loop.py",
            "images_per_step = settings.data.batch_size * settings.optim.accum_steps",
            "images_per_step = settings.data.batch_size", ACCUM),
