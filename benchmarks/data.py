@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from benchmarks.plan import DATA_BATCH, RECIPE, Plan
 from dataset import CamVidDataset, ClassTable, LabelCache, SeededSampler
+from engine.build import augmentation
 from engine.recipes import RECIPES
 from engine.settings import DataSettings
 from transforms import Compose, eval_transform, train_transform
@@ -56,9 +57,7 @@ def recipe_transform(recipe: str = RECIPE) -> Compose:
     """The train augmentation of `train.py --recipe RECIPE`, built as engine.build.build_loaders builds it (the
     recipe's data settings over train.py's defaults)."""
     fields = DataSettings.__dataclass_fields__
-    data = DataSettings(Path("."), Path("."), **{k: v for k, v in RECIPES[recipe].items() if k in fields})
-    return train_transform(tuple(data.crop_size), data.scale, data.random_crop, data.flip, data.jitter,
-                           data.downscale)
+    return augmentation(DataSettings(Path("."), Path("."), **{k: v for k, v in RECIPES[recipe].items() if k in fields}))
 
 
 def measure_data(root: str, table: ClassTable, plan: Plan, device: torch.device, labels: LabelCache | None) -> dict:

@@ -23,7 +23,7 @@ from engine.run import EpochProgress, EvalCadence, Run, Runtime
 from engine.schedule import build_scheduler
 from engine.settings import DataSettings, LossSettings, ModelSettings, OptimSettings, Settings
 from fcn import FCN, FCNConfig, check_pretrainable, load_pretrained, upgrade_state_dict
-from transforms import eval_transform, train_transform
+from transforms import Compose, eval_transform, train_transform
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
@@ -60,12 +60,11 @@ def build_optimizer(model: nn.Module, optim: OptimSettings, device: torch.device
 def build_loaders(data: DataSettings, table: ClassTable, device: torch.device, dist: devices.DistInfo,
                   seed: int) -> tuple[DataLoader, DataLoader]:
     """Train loader (seeded per-epoch shuffle, sharded across ranks) and val loader (each sample once)."""
-    crop = tuple(data.crop_size)
-    augment = train_transform(crop, data.scale, data.random_crop, data.flip, data.jitter, data.downscale)
+    augment = augmentation(data)
     # Made in the main process, so the workers inherit its state
     labels = LabelCache(data.label_cache) if data.label_cache is not None else None
     train_set = CamVidDataset(data.root, data.train_splits, table, augment, data.limit, label_cache=labels)
-    val_crop = eval_transform(crop if data.val_crop else None, data.downscale)
+    val_crop = eval_transform(tuple(data.crop_size) if data.val_crop else None, data.downscale)
     val_set = CamVidDataset(data.root, "val", table, val_crop, data.limit, label_cache=labels)
     if data.cache:
         train_set.preload()
@@ -77,6 +76,12 @@ def build_loaders(data: DataSettings, table: ClassTable, device: torch.device, d
     val_sampler = ShardSampler(len(val_set), dist.world_size, dist.rank)
     val_loader = DataLoader(val_set, data.eval_batch_size, sampler=val_sampler, **common)
     return train_loader, val_loader
+
+
+def augmentation(data: DataSettings) -> Compose:
+    """The training transform the data settings describe (crop, random scale, flip, jitter, downscale)."""
+    return train_transform(tuple(data.crop_size), data.scale, data.random_crop, data.flip, data.jitter,
+                           data.downscale)
 
 
 def build_model(settings: ModelSettings, table: ClassTable, resumed: dict | None, source: Path) -> FCN:

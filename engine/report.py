@@ -31,7 +31,7 @@ def run_results(history: list[dict], config: dict, device: str, command: str, la
             "best_epoch": best.get("epoch"), "device": device, "epochs": history[-1]["epoch"] if history else 0,
             "wall_s": round(sum(row["seconds"] for row in history), 1), "command": command,
             "pretrained": bool(train.get("pretrained")), "model": config.get("model"),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "validated_epochs": len(validated)}
 
 
 def history_row(epoch: int, lr: float, train_loss: float, metrics: dict | None, names) -> dict:
@@ -178,9 +178,7 @@ def write_results(run: Run, stopped: str | None = None, epoch: int | None = None
     results.update(completed=stopped is None, precision=devices.precision_name(runtime.amp),
                    train_splits=list(settings.data.train_splits), val_held_out=not settings.data.val_trained_on,
                    best_pth="last epoch" if settings.keep_last else "best val epoch", ema=settings.run.ema or None,
-                   eval_every=settings.run.eval_every or "auto",
-                   validated_epochs=sum(row["val_miou"] is not None for row in run.history),
-                   **devices.peak_memory(runtime.device))
+                   eval_every=settings.run.eval_every or "auto", **devices.peak_memory(runtime.device))
     if stopped is not None:
         results.update(stop_reason=stopped, stopped_epoch=epoch)
     if runtime.budget is not None:

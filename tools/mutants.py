@@ -105,7 +105,7 @@ MUTANTS = [
     Mutant("augmentation-same-every-epoch", "dataset.py", "yield index, (self.seed, self.epoch)",
            "yield index, (self.seed, 0)", ("tests/test_distributed.py", "-k", "sampler")),
     Mutant("jitter-dropped", "transforms.py", "    if jitter > 0:\n", "    if jitter < 0:\n", DATA),
-    Mutant("val-crop-ignored", "engine/build.py", "eval_transform(crop if data.val_crop else None, data.downscale)",
+    Mutant("val-crop-ignored", "engine/build.py", "eval_transform(tuple(data.crop_size) if data.val_crop else None, data.downscale)",
            "eval_transform(None, data.downscale)", RECIPE),
     # schedule, optimiser, loss
     Mutant("poly-power-1", "engine/schedule.py", "(self.total - self.decay_start)) ** 0.9",
