@@ -69,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--class-weight-cap", type=float, default=10.0,
         help="largest class weight of --class-weights median-freq (0: uncapped), so a class of a few pixels cannot "
              "dominate the loss")
+    add("--class-weight-power", type=float, default=1.0,
+        help="raise the median-frequency weights to this power before the cap: 1 is SegNet's balancing, 0.5 its "
+             "square root (milder: common classes keep more weight, rare ones get less), 0 no balancing")
     add("--aux-weight", type=float, default=0.0,
         help="deep supervision: add this weight x the loss of each coarser output (FCN-8s: the stride-32 and "
              "stride-16 scores, upsampled) to the training loss; inference unchanged (0: off)")
@@ -211,6 +214,8 @@ def check_levers(args: argparse.Namespace) -> None:
         raise UserError("--aux-weight: fcn32s has no coarser output to supervise; use fcn16s or fcn8s")
     if args.class_weight_cap < 0:
         raise UserError(f"--class-weight-cap: expected a weight > 0 (0: uncapped), got {args.class_weight_cap}")
+    if args.class_weight_power < 0:
+        raise UserError(f"--class-weight-power: expected a power >= 0 such as 0.5, got {args.class_weight_power}")
     parse_splits(args.train_splits)
 
 
@@ -229,7 +234,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     optim = OptimSettings(args.optimizer, args.lr, args.momentum, args.weight_decay, args.backbone_lr_mult,
                           args.schedule, args.epochs, args.step_size, args.gamma, args.warmup_epochs, args.clip_grad,
                           args.accum_steps, args.fused)
-    loss = LossSettings(args.class_weights, args.class_weight_cap or None, args.ohem, args.aux_weight)
+    loss = LossSettings(args.class_weights, args.class_weight_cap or None, args.class_weight_power, args.ohem,
+                        args.aux_weight)
     run = RunSettings(args.out, args.resume, args.device, args.amp, args.seed,
                       parse_duration(args.time_budget) if args.time_budget else None,
                       None if args.eval_every == "auto" else args.eval_every,

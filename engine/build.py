@@ -140,7 +140,8 @@ def build_loss(settings: LossSettings, train_set: CamVidDataset, num_classes: in
     weight = None
     if settings.class_weights == "median-freq":
         out.mkdir(parents=True, exist_ok=True)
-        weight = class_weights(train_set, num_classes, settings.class_weight_cap, out / "class_weights.json")
+        weight = class_weights(train_set, num_classes, settings.class_weight_cap, out / "class_weights.json",
+                               settings.class_weight_power)
     return SegmentationLoss(weight, settings.ohem).to(device)
 
 

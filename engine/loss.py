@@ -85,17 +85,19 @@ def median_frequency_weights(dataset, num_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def class_weights(dataset, num_classes: int, cap: float | None, cache: Path | None) -> torch.Tensor:
-    """Median-frequency weights capped at `cap` (None: uncapped), so a class of a few pixels cannot dominate the
-    loss. `cache` (class_weights.json beside the run) records the weights, the uncapped ones and the cap; a
-    resume reads the uncapped ones back instead of reading every mask again."""
+def class_weights(dataset, num_classes: int, cap: float | None, cache: Path | None, power: float = 1.0) -> torch.Tensor:
+    """Median-frequency weights raised to `power` (1: SegNet's; 0.5: their square root, milder) and capped at
+    `cap` (None: uncapped), so a class of a few pixels cannot dominate the loss. `cache` (class_weights.json beside
+    the run) records the weights, the plain median-frequency ones, the power and the cap; a resume reads the plain
+    ones back instead of reading every mask again."""
     if cache is not None and cache.is_file():
         record = json.loads(cache.read_text())
         balanced = torch.tensor(record.get("median_frequency", record["weights"]))  # older files: one uncapped list
     else:
         balanced = median_frequency_weights(dataset, num_classes)
-    weights = balanced.clamp(max=cap) if cap is not None else balanced
+    weights = balanced.pow(power)
+    weights = weights.clamp(max=cap) if cap is not None else weights
     if cache is not None and not cache.is_file():  # atomic: other ranks may read it while rank 0 writes
-        record = {"weights": weights.tolist(), "median_frequency": balanced.tolist(), "cap": cap}
+        record = {"weights": weights.tolist(), "median_frequency": balanced.tolist(), "power": power, "cap": cap}
         atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(record)))
     return weights

@@ -73,6 +73,7 @@ class LossSettings:
 
     class_weights: str = "none"
     class_weight_cap: float | None = 10.0  # None: uncapped
+    class_weight_power: float = 1.0  # 1: SegNet's median-frequency weights; 0.5 their square root
     ohem: float = 0.0
     aux_weight: float = 0.0
 

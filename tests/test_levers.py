@@ -126,6 +126,7 @@ def test_aux_weight_on_fcn32s_is_refused(camvid, tmp_path):
 @pytest.mark.parametrize("flag, value, expected", [("--ema", "1", "--ema: expected a decay in [0, 1)"),
                                                    ("--aux-weight", "-1", "--aux-weight: expected a weight >= 0"),
                                                    ("--class-weight-cap", "-2", "--class-weight-cap: expected"),
+                                                   ("--class-weight-power", "-1", "--class-weight-power: expected"),
                                                    ("--train-splits", "train,,val", "splits 'train,,val'"),
                                                    ("--train-splits", "train,nope", "nope: folder not found")])
 def test_bad_lever_flags_are_one_line(camvid, tmp_path, flag, value, expected):
@@ -173,6 +174,25 @@ def test_the_cap_reaches_the_loss(camvid, tmp_path):
     record = json.loads((tmp_path / "class_weights.json").read_text())
     assert max(record["median_frequency"]) > 1.1
     assert run.loss_fn.weight.max().item() == pytest.approx(1.1)
+
+
+def test_the_power_softens_the_weights_before_the_cap(tmp_path):
+    raw = class_weights(Labels(), 4, None, None)
+    rooted = class_weights(Labels(), 4, 3.0, tmp_path / "class_weights.json", power=0.5)
+    assert torch.allclose(rooted, raw.sqrt().clamp(max=3.0))  # the 20x class: sqrt 4.47, then the cap
+    assert rooted.max() == 3.0 and rooted[0] == pytest.approx(raw[0].sqrt().item())
+    record = json.loads((tmp_path / "class_weights.json").read_text())
+    assert record["power"] == 0.5 and record["median_frequency"] == pytest.approx(raw.tolist())
+    # Read back (a resume): the power applies to the recorded plain weights again
+    assert torch.equal(class_weights(Labels(), 4, 3.0, tmp_path / "class_weights.json", power=0.5), rooted)
+
+
+def test_the_power_reaches_the_loss(camvid, tmp_path):
+    run = train.setup(train.parse_args(["--data-root", str(camvid), "--out", str(tmp_path), *SMALL_TRAIN,
+                                        "--class-weights", "median-freq", "--class-weight-power", "0.5"]))
+    plain = torch.tensor(json.loads((tmp_path / "class_weights.json").read_text())["median_frequency"])
+    assert not torch.allclose(plain, plain.sqrt())
+    assert torch.allclose(run.loss_fn.weight.cpu(), plain.sqrt().clamp(max=10.0))
 
 
 # ---------------------------------------------------------------- --train-splits
