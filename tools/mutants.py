@@ -308,7 +308,7 @@ MUTANTS = [
     Mutant("aux-outputs-not-cropped", "fcn.py", "        return logits, [crop_to(F.interpolate(",
            "        return logits, [(lambda x, h, w: x)(F.interpolate(", LEVERS + ("-k", "aux")),
     Mutant("class-weight-cap-ignored", "engine/loss.py",
-           "weights = balanced.clamp(max=cap) if cap is not None else balanced", "weights = balanced",
+           "weights = weights.clamp(max=cap) if cap is not None else weights", "weights = weights",
            LEVERS + ("-k", "cap")),
     Mutant("class-weight-cap-not-passed", "train.py", "LossSettings(args.class_weights, args.class_weight_cap or None,",
            "LossSettings(args.class_weights, None,",
