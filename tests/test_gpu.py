@@ -106,11 +106,12 @@ def test_ranks_agree_only_every_log_every_steps(tmp_path: Path, monkeypatch):
                             lambda *a, **k: (reduced.append(1), real_all_reduce(*a, **k)))
         ranks = devices.DistInfo(rank=0, world_size=2)  # the multi-process code path
         runtime = Runtime(torch.device("cpu"), None, False, ranks, log_every=4)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                                                      Schedule("poly", 100, 1, 0))
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule("poly", 100, 1, 0))
         progress, left = EpochProgress(), []
         runtime.stop_flag.requested = True
         for _ in range(8):
+            optimizer.step()  # a step before the scheduler's, as in training (and no warning from torch)
             scheduler.step()
             progress.steps += 1
             progress.count += 1

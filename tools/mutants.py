@@ -317,6 +317,8 @@ MUTANTS = [
            LEVERS + ("-k", "power")),
     Mutant("class-weight-power-not-passed", "engine/build.py", "settings.class_weight_power)", "1.0)",
            LEVERS + ("-k", "power")),
+    Mutant("ranks-agree-every-step", "engine/control.py", "progress.steps % runtime.log_every == 0", "True",
+           ("tests/test_gpu.py", "-k", "ranks_agree")),
     Mutant("train-splits-ignored", "engine/build.py", "CamVidDataset(data.root, data.train_splits, table",
            'CamVidDataset(data.root, "train", table', LEVERS + ("-k", "training_on_val")),
     Mutant("a-stem-in-two-splits-allowed", "camvid/layout.py", "            if pair[0] in seen:\n",
