@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,14 +84,28 @@ def real_camvid() -> str | None:
 def subprocess_env() -> dict[str, str]:
     """Unbuffered output, no $CAMVID_ROOT leaking in, and one compute thread per process: on a busy
     2-core machine two OpenMP threads that wait on each other make a step up to 10x slower, and one
-    thread count everywhere keeps CPU runs bit-comparable."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "CAMVID_ROOT": "", "OMP_NUM_THREADS": "1"}
+    thread count everywhere keeps CPU runs bit-comparable. Python's fault handler is on, so a command that
+    runs past its timeout prints where each of its threads stands before it is killed."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "CAMVID_ROOT": "", "OMP_NUM_THREADS": "1",
+            "PYTHONFAULTHANDLER": "1"}
 
 
 def run(command: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in the repo root; a non-zero exit fails with both output streams (unless check=False)."""
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    """Run a command in the repo root; a non-zero exit fails with both output streams (unless check=False),
+    and so does a timeout, with the Python stack of every thread of the command."""
+    with subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # the fault handler dumps every thread's stack, then it dies
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stdout, stderr = process.communicate()
+            raise AssertionError(f"{' '.join(command)} ran past {timeout} s:\n{stdout}\n{stderr}") from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
