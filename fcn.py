@@ -130,6 +130,16 @@ def tap_nodes(name: str, network: nn.Module) -> tuple[str, str, str]:
     return pools[2], pools[3], pools[4]
 
 
+def drop_head(network: nn.Module, taps: tuple[str, str, str]) -> None:
+    """Replace the classifier's children after the last tapped one (its pooling and fully connected head) with
+    identities: the features never pass through them, and the traced backbone keeps its source network alive
+    in a reference cycle until a garbage collection (VGG16's head alone is 470 MiB)."""
+    names = [name for name, _ in network.named_children()]
+    last = max(names.index(tap.split(".")[0]) for tap in taps)
+    for name in names[last + 1:]:
+        setattr(network, name, nn.Identity())
+
+
 class FCN(nn.Module):
     """One parametrised FCN: the backbone's stride-8/16/32 features, its hidden layers as convolutions (VGG's
     fc6/fc7), and skips from stride 16 (FCN-16s) and stride 8 (FCN-8s), as pool4 and pool3 in the paper."""
@@ -139,6 +149,7 @@ class FCN(nn.Module):
         self.config = config
         network = classifier(config.backbone)
         self.taps = tap_nodes(config.backbone, network)
+        drop_head(network, self.taps)
         # Same parameter names as the classifier's, under backbone.: ImageNet weights load by name
         self.backbone = create_feature_extractor(network, {node: str(stride) for node, stride in zip(self.taps, STRIDES)})
         channels = self.tap_channels()

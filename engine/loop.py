@@ -149,15 +149,18 @@ def fit(run: Run) -> None:
         print(f"warm-up  {time.perf_counter() - warmed:.1f} s: kernels chosen for every batch shape before epoch "
               f"{run.start_epoch}")
     epoch = run.start_epoch
-    while not at_end(run.scheduler):
-        try:
-            if not train_and_validate(run, epoch):
-                return end_stopped_run(run, epoch)
-        except TrainingDiverged as error:
-            diverged(run, epoch, error)
-            raise
-        epoch += 1
-    finish(run)
+    try:
+        while not at_end(run.scheduler):
+            try:
+                if not train_and_validate(run, epoch):
+                    return end_stopped_run(run, epoch)
+            except TrainingDiverged as error:
+                diverged(run, epoch, error)
+                raise
+            epoch += 1
+        finish(run)
+    finally:
+        run.runtime.pace.tell = None  # its closure holds the run: a cycle that would keep the model until a gc pass
 
 
 def train_and_validate(run: Run, epoch: int) -> bool:

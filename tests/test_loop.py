@@ -3,7 +3,9 @@ the first measured epoch and learns nothing, --eval-every auto keeps validation 
 records the peak memory."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 import train
 from conftest import SMALL_TRAIN, settings_of, train_in_process
+import devices
 from devices import unwrap
+from engine import loop
 from engine.run import EvalCadence
 from engine.warmup import batch_sizes, warm_up
 
@@ -81,3 +85,18 @@ def test_fit_warms_up_before_the_first_epoch(camvid, tmp_path, monkeypatch):
     monkeypatch.setattr(engine.loop, "warm_up", lambda run: calls.append(len(run.history)) or [("train", (2,))])
     train_in_process("--data-root", str(camvid), "--out", str(tmp_path), *SMALL_TRAIN, "--epochs", "1")
     assert calls == [0]  # once, before any epoch
+
+
+def test_a_finished_run_is_freed_without_the_cycle_collector(camvid, tmp_path, monkeypatch):
+    """Nothing the loop leaves behind refers back to the run (the pace estimate's closure did, when a run ended
+    before the estimate was printed): a process that trains twice keeps one model, not two."""
+    monkeypatch.setattr(devices.StopFlag, "install", lambda self: None)
+    run = small_run(camvid, tmp_path, "--epochs", "1")  # 2 steps: ended before the estimate after 4
+    loop.fit(run)
+    freed = weakref.ref(run)
+    gc.disable()
+    try:
+        del run
+        assert freed() is None
+    finally:
+        gc.enable()
