@@ -159,13 +159,19 @@ def trained(camvid, tmp_path_factory):
     return folders
 
 
+# One backbone of each block family goes through export.py (tests/test_export.py exports VGG): ResNet-34 and -50
+# are ResNet-18's operators in other numbers, and each dynamo export takes 10-20 s of a 2-core CPU.
+EXPORTED = ("resnet18", "mobilenet_v3_large")
+
+
 @pytest.mark.parametrize("backbone", [name for name in BACKBONES if not name.startswith("vgg")])
 def test_best_pth_goes_through_test_predict_and_export(backbone, trained, camvid, tmp_path):
     """The checkpoint records its backbone; test.py scores it, predict.py paints with it, export.py writes an
-    ONNX graph that agrees with it (the parity check refuses a file otherwise)."""
+    ONNX graph that agrees with it (the parity check refuses a file otherwise) for one backbone of each family."""
     import export
     import predict
     import test as test_script
+    assert set(EXPORTED) <= set(BACKBONES)
     weights = trained[backbone] / "best.pth"
     assert torch.load(weights, weights_only=True)["config"]["model"]["backbone"] == backbone
     common = ["--weights", str(weights), "--device", "cpu", "--workers", "0"]
@@ -175,6 +181,8 @@ def test_best_pth_goes_through_test_predict_and_export(backbone, trained, camvid
     painted = predict.main(predict.get_args_parser().parse_args(
         [*common, "--input", str(camvid / "test"), "--out", str(tmp_path / "masks")]))
     assert painted == 3 and len(list((tmp_path / "masks").iterdir())) == 3
+    if backbone not in EXPORTED:
+        return
     pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.txt")
     path = export.main(export.get_args_parser().parse_args(
         ["--weights", str(weights), "--data-root", str(camvid), "--out", str(tmp_path / "model.onnx")]))
