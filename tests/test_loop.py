@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import devices
 import train
 from conftest import SMALL_TRAIN, settings_of, train_in_process
-import devices
 from devices import unwrap
 from engine import loop
 from engine.run import EvalCadence
