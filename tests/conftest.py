@@ -90,6 +90,17 @@ def subprocess_env() -> dict[str, str]:
             "PYTHONFAULTHANDLER": "1"}
 
 
+def end_with_stacks(process: subprocess.Popen) -> tuple[str | None, str | None]:
+    """End a stuck command started with subprocess_env(): SIGABRT makes the fault handler write every thread's
+    stack to its stderr before it dies (killed if it lingers); its remaining piped output."""
+    process.send_signal(signal.SIGABRT)
+    try:
+        return process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
 def run(command: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a command in the repo root; a non-zero exit fails with both output streams (unless check=False),
     and so does a timeout, with the Python stack of every thread of the command."""
@@ -98,12 +109,7 @@ def run(command: list[str], check: bool = True, timeout: float = 300) -> subproc
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGABRT)  # the fault handler dumps every thread's stack, then it dies
-            try:
-                stdout, stderr = process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
+            stdout, stderr = end_with_stacks(process)
             raise AssertionError(f"{' '.join(command)} ran past {timeout} s:\n{stdout}\n{stderr}") from None
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:

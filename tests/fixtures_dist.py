@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from conftest import SMALL_TRAIN, run, subprocess_env, write_camvid  # noqa: E402,F401  (run, write_camvid: for the tests)
+from conftest import SMALL_TRAIN, end_with_stacks, run, subprocess_env, write_camvid  # noqa: E402,F401  (run, write_camvid: for the tests)
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     """train.py's arguments for a narrow CPU run on the tiny data."""
@@ -42,7 +42,7 @@ def wait_for_step(process: subprocess.Popen, stderr: Path, epoch: int, timeout: 
             raise AssertionError(f"the run ended (exit {process.returncode}) before epoch {epoch} was under way:\n"
                                  f"{stderr.read_text()}")
         time.sleep(0.05)
-    process.kill()
+    end_with_stacks(process)
     raise AssertionError(f"no progress in epoch {epoch} after {timeout}s:\n{stderr.read_text()}")
 
 

@@ -128,8 +128,7 @@ def cyclic_tensor_mib(make) -> float:
     gc.collect()
     gc.disable()
     try:
-        del_me = make()
-        del del_me
+        make()  # dropped at once: only what a reference cycle holds outlives it
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         return sum(o.numel() * o.element_size() for o in gc.garbage if isinstance(o, torch.Tensor)) / 2**20
