@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -238,10 +239,11 @@ def test_a_budget_whose_checkpoint_write_outlasts_an_epoch_ends_completed_in_tim
                                  "--time-budget", "20s")[1:], monkeypatch)  # the clock starts at set-up
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["completed"] and results["time_budget"]["spent"] <= 20
-    costs = results["time_budget"]["costs"]
-    assert costs["save"] > 4 * costs["step"]  # a write outlasts an epoch of 4 steps
-    assert fx.load(tmp_path / "last.pth")["scheduler"]["last_epoch"] == results["time_budget"]["total"]
     rows = fx.read_history(tmp_path / "history.csv")
+    # The scenario: a write outlasts an epoch's training. Not 4 x costs["step"]: the last epoch may be one step
+    # long, and its pace then includes the loader's start.
+    assert results["time_budget"]["costs"]["save"] > statistics.median(float(row["train_seconds"]) for row in rows)
+    assert fx.load(tmp_path / "last.pth")["scheduler"]["last_epoch"] == results["time_budget"]["total"]
     assert len(rows) >= 3 and float(rows[-1]["lr"]) == 0.0 and rows[-1]["val_miou"]
 
 
