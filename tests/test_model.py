@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import settings_of
+from torch import nn
 from torchvision import models
 
 import engine.build
@@ -131,7 +132,8 @@ def cyclic_tensor_mib(make) -> float:
         make()  # dropped at once: only what a reference cycle holds outlives it
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        return sum(o.numel() * o.element_size() for o in gc.garbage if isinstance(o, torch.Tensor)) / 2**20
+        return sum(o.numel() * o.element_size() for o in gc.garbage
+                   if isinstance(o, torch.Tensor) and o.device.type != "meta") / 2**20  # meta tensors hold no memory
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
@@ -139,6 +141,24 @@ def cyclic_tensor_mib(make) -> float:
 
 
 def test_a_dropped_model_leaves_little_to_the_cycle_collector():
-    """The traced backbone is a reference cycle that holds its source classifier: VGG16's fully connected head
-    (470 MiB, unused by FCN) must be gone before tracing, or every model built keeps it until a gc pass."""
+    """The traced backbone is a reference cycle that holds its source classifier: the classifier's fully
+    connected head (unused by FCN) must be gone before tracing, or every model built keeps it until a gc pass."""
     assert cyclic_tensor_mib(lambda: FCN(FCNConfig("fcn8s", "vgg16", 11, fc_width=16))) < 100  # its features: 56
+    # MobileNetV3-Large: features 11.4 MiB, with its head 21.0
+    assert cyclic_tensor_mib(lambda: FCN(FCNConfig("fcn8s", "mobilenet_v3_large", 11))) < 16
+
+
+def test_vgg_gets_torchvisions_init_but_its_unused_head_is_never_allocated():
+    """VGG's fully connected head (120 M weights: initialising them took most of a VGG16 model's build) lies on
+    the meta device; the convolutions still get torchvision's VGG init (Kaiming fan-out, zero biases), and the
+    state dict has the torchvision classifier's keys and shapes, which --pretrained files are checked against."""
+    network = fcn.classifier("vgg16_bn")
+    assert {parameter.device.type for parameter in network.classifier.parameters()} == {"meta"}
+    with torch.device("meta"):
+        reference = models.vgg16_bn(weights=None).state_dict()
+    assert {key: value.shape for key, value in network.state_dict().items()} == \
+        {key: value.shape for key, value in reference.items()}
+    convs = [layer for layer in network.features if isinstance(layer, nn.Conv2d)]
+    assert all(layer.weight.device.type == "cpu" and not layer.bias.any() for layer in convs)
+    last = convs[-1].weight  # 512x512x3x3: fan-out std sqrt(2 / (512 * 9)) = 0.0208; the default init's is 0.0085
+    assert last.std().item() == pytest.approx((2 / (512 * 9)) ** 0.5, rel=0.02)
