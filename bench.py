@@ -103,7 +103,7 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
 def fast_mode(args: argparse.Namespace, device: torch.device) -> Mode:
     """The project's fast path as train.py sets it up on this device."""
     cuda = device.type == "cuda"
-    return Mode("fast", devices.amp_dtype(device, args.amp), args.channels_last, fused=cuda, cudnn_benchmark=cuda,
+    return Mode("fast", devices.amp_dtype(device, args.amp), args.channels_last, fused=True, cudnn_benchmark=cuda,
                 compile=args.compile)
 
 

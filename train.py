@@ -112,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
              "stays fp32")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="NHWC memory format (faster convolutions on CUDA and in oneDNN on CPUs)")
-    add("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused optimizer kernels on CUDA")
+    add("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused optimizer kernels (CUDA and CPU)")
     add("--compile", nargs="?", const="inductor", metavar="BACKEND",
         help="torch.compile the training model (alone: the inductor backend)")
     add("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cuDNN autotuning on CUDA")

@@ -253,15 +253,16 @@ def checkpoint_round_trip(state: dict) -> dict:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("saved_channels_last", [True, False])
 def test_optimizer_state_resumes_with_this_runs_kernels_and_memory_format(optimizer: str, saved_channels_last: bool):
-    """A checkpoint from a fused CUDA run (fused=True in its param_groups) resumed on the CPU, with the
-    other --channels-last setting: this run's kernel flags, state tensors laid out like the parameters."""
+    """A checkpoint from an unfused run (foreach kernels, as --no-fused on CUDA) resumed in a fused CPU run, with
+    the other --channels-last setting: this run's kernel flags, state tensors laid out like the parameters (the
+    fused kernels need matching strides)."""
     _, saved = trained_optimizer(saved_channels_last, optimizer)
     state = saved.state_dict()
     for group in state["param_groups"]:
-        group.update(fused=True, foreach=None)
+        group.update(fused=None, foreach=True)
     model, opt = trained_optimizer(not saved_channels_last, optimizer)
     load_optimizer_state(opt, checkpoint_round_trip(state))
-    assert all(not group["fused"] for group in opt.param_groups)
+    assert all(group["fused"] and not group["foreach"] for group in opt.param_groups)
     moments = 0
     for group, saved_group in zip(opt.param_groups, state["param_groups"]):
         for parameter, index in zip(group["params"], saved_group["params"]):

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN, settings_of, train_in_process
 
 import devices
 import train
-from conftest import SMALL_TRAIN, settings_of, train_in_process
 from devices import unwrap
 from engine import loop
+from engine.build import build_optimizer
 from engine.run import EvalCadence
 from engine.warmup import batch_sizes, warm_up
 
@@ -100,3 +101,23 @@ def test_a_finished_run_is_freed_without_the_cycle_collector(camvid, tmp_path, m
         assert freed() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cpu_runs_step_with_fused_kernels_unless_told_not_to(optimizer):
+    """--fused (the default) on the CPU: one fused kernel per step, the same update as the per-tensor loop;
+    --no-fused: the per-tensor loop."""
+    flags = ["--optimizer", optimizer, "--lr", "0.01", "--weight-decay", "5e-4"]
+    models = {}
+    for fused in ("--fused", "--no-fused"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
+        optim = build_optimizer(model, settings_of(*flags, fused).optim, torch.device("cpu"))
+        assert all(bool(group["fused"]) == (fused == "--fused") for group in optim.param_groups)
+        for _ in range(3):
+            optim.zero_grad()
+            model(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))).square().mean().backward()
+            optim.step()
+        models[fused] = model
+    for (name, fused), unfused in zip(models["--fused"].named_parameters(), models["--no-fused"].parameters()):
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6, msg=name)

@@ -323,6 +323,8 @@ MUTANTS = [
            ("tests/test_model.py", "-k", "never_allocated")),
     Mutant("vgg-init-skipped", "fcn.py", "        return models.VGG(features)\n",
            "        return models.VGG(features, init_weights=False)\n", ("tests/test_model.py", "-k", "never_allocated")),
+    Mutant("fused-only-on-cuda", "engine/build.py", 'FUSED_DEVICES = ("cuda", "cpu")', 'FUSED_DEVICES = ("cuda",)',
+           ("tests/test_loop.py", "-k", "fused")),
     Mutant("pace-closure-keeps-the-run", "engine/loop.py", "        run.runtime.pace.tell = None", "        pass",
            ("tests/test_loop.py", "-k", "freed")),
     Mutant("ranks-agree-every-step", "engine/control.py", "progress.steps % runtime.log_every == 0", "True",
