@@ -39,8 +39,9 @@ FAST = Runtime(CPU, torch.bfloat16, True)  # CPU bf16 autocast runs the same cod
 
 @pytest.fixture(scope="module")
 def model() -> FCN:
-    """A narrow random FCN-8s whose zero-initialised score layers are made non-zero, so predictions vary."""
-    torch.manual_seed(0)
+    """A narrow random FCN-8s whose zero-initialised score layers are made non-zero, so predictions vary (with
+    this seed the model predicts three classes over large areas; random VGG features favour one or two)."""
+    torch.manual_seed(5)
     model = FCN(FCNConfig("fcn8s", "vgg16_bn", NUM_CLASSES, fc_width=32))
     with torch.no_grad():
         for layer in (model.score_fr, model.score_pool4, model.score_pool3):
