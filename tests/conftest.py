@@ -20,11 +20,12 @@ from dataset import ClassTable  # noqa: E402
 
 # Label maps encoded by the tests go to a throw-away folder, never to the user's ~/.cache.
 os.environ[cfg.LABEL_CACHE_ENV] = tempfile.mkdtemp(prefix="fcn-label-cache-")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One compute thread per pytest worker (`-n auto` starts one per core), as in the subprocesses below:
-    # OpenMP threads of two processes sharing the cores wait on each other and make every step far slower.
-    import torch
-    torch.set_num_threads(1)
+# One compute thread in this process, as in the subprocesses below: `-n auto` starts a worker per core, and
+# OpenMP threads of two processes sharing the cores wait on each other and make every step far slower; and a run
+# in this process must give a subprocess's numbers bit for bit, which another thread count does not.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 SIZE = (64, 96)  # H, W: tiny, not a multiple of 32, so padding and cropping paths run
 # A narrow FCN-8s on the CPU. The 32x32 train crop (the smallest FCN input) keeps a step well under a

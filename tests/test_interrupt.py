@@ -50,9 +50,10 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(data: Path, tmp_path_factory) -> Path:
-    """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce."""
+    """An uninterrupted 3-epoch run: what every interrupted-and-resumed run must reproduce (in this process: the
+    runs that reproduce it run in their own, so every comparison is across processes)."""
     out = tmp_path_factory.mktemp("reference")
-    fx.run([sys.executable, *fx.train_args(data, out, *EPOCHS)])
+    train_in_process(*fx.train_args(data, out, *EPOCHS)[1:])
     return out
 
 
@@ -133,13 +134,13 @@ def test_sigkill_in_epoch_two_then_resume(data: Path, reference: Path, tmp_path:
     assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1"]
     stale = tmp_path / "run" / ".last.pth.tmp99999"  # what a kill in the middle of a checkpoint write leaves
     stale.write_bytes(b"half a checkpoint")
-    fx.run(command + ["--resume"])
+    train_in_process(*command[2:], "--resume")
     assert not stale.exists()
     assert_same_run(tmp_path / "run", reference)
 
 
 def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(data: Path, reference: Path,
-                                                                         tmp_path: Path):
+                                                                         tmp_path: Path, capsys):
     command = [sys.executable, *fx.train_args(data, tmp_path / "run", *EPOCHS)]
     process, stdout, stderr = fx.start(command, tmp_path)
     fx.wait_for_step(process, stderr, epoch=2)
@@ -153,8 +154,9 @@ def test_sigterm_mid_epoch_saves_and_resume_matches_an_uninterrupted_run(data: P
     results = json.loads((tmp_path / "run" / "results.json").read_text())  # a complete folder, marked unfinished
     assert not results["completed"] and results["stopped_epoch"] == 2 and "SIGTERM" in results["stop_reason"]
     assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "val_samples.png").is_file()
-    resumed = fx.run(command + ["--resume"])
-    assert "epoch 1:" not in resumed.stdout  # nothing redone: epoch 2 continues where it stopped
+    capsys.readouterr()
+    train_in_process(*command[2:], "--resume")
+    assert "epoch 1:" not in capsys.readouterr().out  # nothing redone: epoch 2 continues where it stopped
     assert_same_run(tmp_path / "run", reference)
 
 
@@ -227,7 +229,7 @@ def test_sigterm_to_the_whole_process_group_with_workers_stops_cleanly(data: Pat
     assert "SIGTERM: stopped in epoch 1" in stdout.read_text()
     assert "Traceback" not in stderr.read_text()
     assert load_checkpoint(tmp_path / "run" / "last.pth")["partial_epoch"]["steps"] >= 1
-    fx.run(command + ["--resume"])
+    train_in_process(*command[2:], "--resume")
     assert [row["epoch"] for row in fx.read_history(tmp_path / "run" / "history.csv")] == ["1", "2"]
 
 
