@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,10 @@ INSTALL_HINT = "install it: pip install -r requirements-export.txt"
 
 
 def import_onnxruntime():
-    """The onnxruntime module, or a one-line UserError telling how to install it."""
+    """The onnxruntime module with its usage events off, or a one-line UserError telling how to install it."""
+    # onnxruntime (1.32, Linux) sends usage events to Microsoft from a thread of its own unless this is set when it
+    # loads (disable_telemetry_events() does not stop them); a value the user set wins
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime
     except ImportError as exc:

@@ -102,10 +102,11 @@ def end_with_stacks(process: subprocess.Popen) -> tuple[str | None, str | None]:
         return process.communicate()
 
 
-def run(command: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run a command in the repo root; a non-zero exit fails with both output streams (unless check=False),
-    and so does a timeout, with the Python stack of every thread of the command."""
-    with subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+def run(command: list[str], check: bool = True, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in the repo root (`env`: variables set for it alone); a non-zero exit fails with both output
+    streams (unless check=False), and so does a timeout, with the Python stack of every thread of the command."""
+    with subprocess.Popen(command, cwd=REPO, env={**subprocess_env(), **(env or {})}, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)

@@ -58,13 +58,13 @@ def failing_proxy():
 
 
 def download(destination: Path, *flags: str):
-    """python dataset.py --download DESTINATION with every request going to a failing proxy: (process, requests)."""
+    """python dataset.py --download DESTINATION with every request going to a failing proxy: (process, requests).
+    The proxy is set in the command's environment only: a library loaded in this process (onnxruntime sends
+    usage events from a thread of its own) would otherwise send its requests there too."""
     with failing_proxy() as (url, requests):
         proxies = {name: url for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
-        with pytest.MonkeyPatch.context() as patch:
-            for name, value in {**proxies, "no_proxy": "", "NO_PROXY": ""}.items():
-                patch.setenv(name, value)
-            result = run([sys.executable, "dataset.py", "--download", str(destination), *flags], check=False)
+        result = run([sys.executable, "dataset.py", "--download", str(destination), *flags], check=False,
+                     env={**proxies, "no_proxy": "", "NO_PROXY": ""})
     return result, requests
 
 

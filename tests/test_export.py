@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.abc
+import importlib.util
 import json
+import os
 import re
 import sys
 import warnings
@@ -209,6 +212,34 @@ def test_missing_onnx_packages_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(UserError, match="--exporter dynamo needs onnxscript, which is not installed; install it"):
         export.require_export_modules("dynamo")
+
+
+def test_onnxruntime_is_loaded_with_its_usage_events_off(monkeypatch):
+    """onnxruntime sends usage events to Microsoft unless ORT_DISABLE_TELEMETRY=1 is set when it loads (seen through
+    a proxy: a request to Microsoft's event collector within 10 s of a session): it is set first, unless the user
+    set a value."""
+    seen = []
+
+    class Recorder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        """Loads a stand-in onnxruntime, noting the variable at that moment."""
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "onnxruntime" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            seen.append(os.environ.get("ORT_DISABLE_TELEMETRY"))
+
+    monkeypatch.setattr(sys, "meta_path", [Recorder(), *sys.meta_path])
+    for preset in (None, "0"):
+        monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+        if preset is None:
+            monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+        else:
+            monkeypatch.setenv("ORT_DISABLE_TELEMETRY", preset)
+        onnx_backend.import_onnxruntime()
+    assert seen == ["1", "0"]
 
 
 def test_export_bad_inputs(tmp_path):

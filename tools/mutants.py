@@ -325,6 +325,8 @@ MUTANTS = [
            "        return models.VGG(features, init_weights=False)\n", ("tests/test_model.py", "-k", "never_allocated")),
     Mutant("fused-only-on-cuda", "engine/build.py", 'FUSED_DEVICES = ("cuda", "cpu")', 'FUSED_DEVICES = ("cuda",)',
            ("tests/test_loop.py", "-k", "fused")),
+    Mutant("onnxruntime-usage-events-on", "onnx_backend.py", '    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")\n', "",
+           ("tests/test_export.py", "-k", "usage_events")),
     Mutant("pace-closure-keeps-the-run", "engine/loop.py", "        run.runtime.pace.tell = None", "        pass",
            ("tests/test_loop.py", "-k", "freed")),
     Mutant("ranks-agree-every-step", "engine/control.py", "progress.steps % runtime.log_every == 0", "True",
