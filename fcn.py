@@ -141,7 +141,7 @@ def tap_nodes(name: str, network: nn.Module) -> tuple[str, str, str]:
 def drop_head(network: nn.Module, taps: tuple[str, str, str]) -> None:
     """Replace the classifier's children after the last tapped one (its pooling and fully connected head) with
     identities: the features never pass through them, and the traced backbone keeps its source network alive
-    in a reference cycle until a garbage collection (MobileNetV3-Large's head is 9.6 MiB, most of its weights)."""
+    in a reference cycle until a garbage collection (MobileNetV3-Large's head is 9.6 MiB, nearly half its weights)."""
     names = [name for name, _ in network.named_children()]
     last = max(names.index(tap.split(".")[0]) for tap in taps)
     for name in names[last + 1:]:
