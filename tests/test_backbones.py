@@ -31,6 +31,13 @@ def tiny(backbone: str, variant: str = "fcn8s") -> FCN:
     return FCN(FCNConfig(variant, backbone, 5, 8 if BACKBONES[backbone].head else None))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def models_freed_with_the_module():
+    """tiny()'s models (1.4 GB of weights and gradients) go with this file, not with the pytest worker."""
+    yield
+    tiny.cache_clear()
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_taps_have_the_documented_strides_and_channels(backbone):
     features = tiny(backbone).backbone.eval()(torch.zeros(1, 3, 96, 128))
