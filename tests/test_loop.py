@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_TRAIN, settings_of, train_in_process
 
 import devices
 import train
+from conftest import SMALL_TRAIN, settings_of, train_in_process
 from devices import unwrap
 from engine import loop
 from engine.build import build_optimizer
