@@ -93,13 +93,19 @@ def subprocess_env() -> dict[str, str]:
 
 def end_with_stacks(process: subprocess.Popen) -> tuple[str | None, str | None]:
     """End a stuck command started with subprocess_env(): SIGABRT makes the fault handler write every thread's
-    stack to its stderr before it dies (killed if it lingers); its remaining piped output."""
+    stack to its stderr before it dies (killed if it lingers); its remaining piped output. Bounded waits: children
+    of its own (torchrun's ranks) may outlive it and hold the pipes open."""
     process.send_signal(signal.SIGABRT)
     try:
         return process.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.communicate()
+    try:
+        return process.communicate(timeout=10)
+    except subprocess.TimeoutExpired as lingering:
+        process.wait()
+        return tuple(text.decode(errors="replace") if isinstance(text, bytes) else text
+                     for text in (lingering.stdout, lingering.stderr))
 
 
 def run(command: list[str], check: bool = True, timeout: float = 300,
