@@ -61,10 +61,13 @@ def checked_table(state: dict, class_dict: str | None, weights: Path) -> ClassTa
     return inference.trained_table(inference.saved_table(state), class_dict, cfg.DEFAULT_CLASS_DICT, weights)
 
 
-def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float) -> dict[str, str]:
-    """What a deployment needs besides the graph: classes, colours, normalisation, the training scale
-    (train.py --downscale: resize inputs by 1/downscale, as predict.py does), provenance."""
+def metadata(model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float,
+             test_scale: float = 1.0) -> dict[str, str]:
+    """What a deployment needs besides the graph: classes, colours, normalisation, the scale to run at
+    (resize inputs by test_scale / downscale, as predict.py does: train.py --downscale and --test-scale),
+    provenance."""
     return {onnx_backend.METADATA_TAG: "1", "model": json.dumps(model.config.to_dict()), "downscale": str(downscale),
+            "test_scale": str(test_scale),
             "class_names": json.dumps(list(table.names)), "class_colors": json.dumps(table.colors.tolist()),
             "void_colors": json.dumps(table.void_colors.tolist()), "ignore_index": str(cfg.IGNORE_INDEX),
             "mean": json.dumps(cfg.IMAGENET_MEAN), "std": json.dumps(cfg.IMAGENET_STD),
@@ -100,13 +103,14 @@ def export_failure(error: Exception, exporter: str) -> str:
             f"({type(cause).__name__}: {lines[0]}); nothing written{hint}")
 
 
-def annotate(path: Path, model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float = 1.0) -> None:
+def annotate(path: Path, model: FCN, table: ClassTable, weights: Path, exporter: str, downscale: float = 1.0,
+             test_scale: float = 1.0) -> None:
     """Write the metadata, name the output's dynamic dims like the input's, and run onnx's checker."""
     import onnx
 
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
-    for key, value in metadata(model, table, weights, exporter, downscale).items():
+    for key, value in metadata(model, table, weights, exporter, downscale, test_scale).items():
         graph.metadata_props.add(key=key, value=value)
     graph.doc_string = f"FCN ({model.config.variant}, {model.config.backbone}) semantic segmentation; {INPUT_DOC}"
     # dynamo names the output dims by its symbolic expressions (e.g. Min(height, 32*...)); they equal the input's
@@ -156,13 +160,15 @@ def check_parity(model: FCN, onnx_model: onnx_backend.OnnxModel, inputs: list[tu
     return worst
 
 
-def write_checked(model: FCN, table: ClassTable, downscale: float, path: Path, args: argparse.Namespace) -> None:
-    """Export into `path` (a temporary name), annotate it, and check parity there."""
+def write_checked(model: FCN, table: ClassTable, scales: tuple[float, float], path: Path,
+                  args: argparse.Namespace) -> None:
+    """Export into `path` (a temporary name), annotate it with the (downscale, test scale) to run at, and check
+    parity there."""
     try:
         export_graph(model, path, args.exporter, args.opset)
     except Exception as error:  # torch.export and the tracer fail with many exception types, none of them ours
         raise UserError(export_failure(error, args.exporter)) from error
-    annotate(path, model, table, args.weights, args.exporter, downscale)
+    annotate(path, model, table, args.weights, args.exporter, *scales)
     onnx_model = onnx_backend.load_onnx(path, table, torch.device("cpu"))
     check_parity(model, onnx_model, parity_inputs(args.data_root), args.min_agreement)
 
@@ -181,10 +187,10 @@ def main(args: argparse.Namespace) -> Path:
     state = load_checkpoint(args.weights)
     table = checked_table(state, args.class_dict, args.weights)
     model = inference.model_from_checkpoint(state, table, args.weights).eval()  # fp32, CPU
-    downscale = inference.trained_downscale(state, args.weights)
+    scales = inference.trained_downscale(state, args.weights), inference.trained_test_scale(state, args.weights)
     # Written under a temporary name and renamed into place only after the parity check passed: a failed
     # check leaves no file behind and an earlier file at --out untouched.
-    atomic_write(out, lambda tmp: write_checked(model, table, downscale, tmp, args))
+    atomic_write(out, lambda tmp: write_checked(model, table, scales, tmp, args))
     print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MiB, opset {args.opset}, {args.exporter} exporter)")
     return out
 

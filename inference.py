@@ -22,18 +22,20 @@ from engine.checkpoints import load_checkpoint
 
 
 class Trained(NamedTuple):
-    """A loaded model, the class table it was trained with, and the factor its training images were shrunk by
-    (train.py --downscale): it expects objects at 1/downscale of their size in CamVid's 360x480 images."""
+    """A loaded model, the class table it was trained with, the factor its training images were shrunk by
+    (train.py --downscale: it saw objects at 1/downscale of their size in CamVid's 360x480 images) and the factor
+    it is run at beyond that (train.py --test-scale)."""
 
     model: nn.Module
     table: ClassTable
     downscale: float
     train_splits: tuple[str, ...] = ("train",)  # the splits it was trained on (train.py --train-splits)
+    test_scale: float = 1.0
 
     def input_scale(self, downscale: float = 1.0, scale: float | None = None) -> float:
         """The factor the model's input is resized by: `scale` when given, else the one that brings images
-        shrunk by `downscale` to the scale the model was trained at."""
-        return scale if scale is not None else downscale / self.downscale
+        shrunk by `downscale` to the scale the model was trained at, times its test scale."""
+        return scale if scale is not None else downscale / self.downscale * self.test_scale
 
 
 def load_model(weights: str | Path, class_dict: str | Path | None, device: torch.device,
@@ -45,28 +47,35 @@ def load_model(weights: str | Path, class_dict: str | Path | None, device: torch
         model = onnx_backend.load_onnx(weights, None, device)
         table = trained_table(onnx_backend.metadata_table(model.metadata), class_dict, fallback, weights)
         onnx_backend.check_classes(model, table, weights)
-        return Trained(model, table, parse_downscale(model.metadata.get("downscale", 1.0), weights))
+        return Trained(model, table, parse_factor(model.metadata.get("downscale", 1.0), weights),
+                       test_scale=parse_factor(model.metadata.get("test_scale", 1.0), weights, "test scale"))
     state = load_checkpoint(weights)
     table = trained_table(saved_table(state), class_dict, fallback, weights)
     model = model_from_checkpoint(state, table, weights).to(device).eval()
     splits = state.get("config", {}).get("train", {}).get("train_splits") or "train"
-    return Trained(model, table, trained_downscale(state, weights), tuple(splits.split(",")))
+    return Trained(model, table, trained_downscale(state, weights), tuple(splits.split(",")),
+                   trained_test_scale(state, weights))
 
 
 def trained_downscale(state: dict, source: str | Path) -> float:
     """train.py's --downscale saved in a checkpoint's configuration (1 for checkpoints without it), checked."""
-    return parse_downscale(state.get("config", {}).get("train", {}).get("downscale") or 1.0, source)
+    return parse_factor(state.get("config", {}).get("train", {}).get("downscale") or 1.0, source)
 
 
-def parse_downscale(value: object, source: str | Path) -> float:
-    """A saved training downscale as a positive float; anything else is a UserError naming the file."""
+def trained_test_scale(state: dict, source: str | Path) -> float:
+    """train.py's --test-scale saved in a checkpoint's configuration (1 for checkpoints without it), checked."""
+    return parse_factor(state.get("config", {}).get("train", {}).get("test_scale") or 1.0, source, "test scale")
+
+
+def parse_factor(value: object, source: str | Path, what: str = "training downscale") -> float:
+    """A saved scale factor as a positive float; anything else is a UserError naming the file."""
     try:
-        downscale = float(value)
+        factor = float(value)
     except (TypeError, ValueError):
-        downscale = 0.0
-    if not downscale > 0:
-        raise UserError(f"{source}: training downscale {value!r} is not a positive number")
-    return downscale
+        factor = 0.0
+    if not factor > 0:
+        raise UserError(f"{source}: {what} {value!r} is not a positive number")
+    return factor
 
 
 def saved_table(state: dict) -> dict | None:

@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--scale", type=float,
         help="resize each image or frame by this factor before the model (relative to the input as it is), "
              "overriding the checkpoint's scale: e.g. 0.33 for 1080p frames and a full-resolution model; without "
-             "it: the scale the checkpoint was trained at (1, or 1/its train.py --downscale)")
+             "it: the checkpoint's (its train.py --test-scale / --downscale, 1 for neither)")
     add("--class-dict", help="override the checkpoint's class colours with this class_dict.csv (same class names); "
         "without it: the checkpoint's own table")
     add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
@@ -307,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     runner = inference.Runner(model, device, devices.amp_dtype(device, args.amp), args.channels_last,
                               trained.input_scale(scale=args.scale), inference.parse_tta(args.tta))
     print(f"model input: {runner.scale:g}x each image's size ("
-          + ("--scale)" if args.scale is not None else "the scale the checkpoint was trained at)"))
+          + ("--scale)" if args.scale is not None else "the checkpoint's scale)"))
     start = time.perf_counter()
     images = [job for job in jobs if not is_video(job[0])]
     done = predict_images(images, runner, table, args) if images else 0

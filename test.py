@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--scale", type=float,
         help="resize the images by this factor before the model (relative to the images as scored, after "
              "--downscale), overriding the checkpoint's scale; without it: the one that brings them to the scale "
-             "the checkpoint was trained at (--downscale / its train.py --downscale), e.g. 0.25 for a --recipe "
-             "camvid-cpu model on 360x480 labels")
+             "the checkpoint was trained at, times its test scale (--downscale / its train.py --downscale x its "
+             "--test-scale), e.g. 0.3125 for a --recipe camvid-cpu model on 360x480 labels")
     add("--batch-size", type=int, default=4, help="images per forward pass")
     add("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu or cuda")
     add("--workers", type=int, default=devices.default_workers(), help="data loader processes (see train.py --help)")
@@ -126,14 +127,16 @@ def json_result(metrics: dict, names: tuple[str, ...], args: argparse.Namespace,
             "images": images, "pixels": metrics["pixels"], "confusion": metrics["confusion"].tolist(),
             "tta": inference.parse_tta(args.tta).to_dict(), "label_size": list(scoring.label_size),
             "scale": scoring.scale, "downscale": args.downscale, "weights": str(args.weights),
-            "precision": metrics["precision"], "held_out": args.split not in trained_splits}
+            "precision": metrics["precision"], "held_out": args.split not in trained_splits,
+            "seconds": metrics["seconds"]}
 
 
 def scoring_of(trained: inference.Trained, dataset: CamVidDataset, args: argparse.Namespace) -> Scoring:
     """The label size of the split as transformed, and the model's input scale relative to it."""
     source = "--scale" if args.scale is not None else (
-        f"the checkpoint's training scale, 1/{trained.downscale:g} of CamVid's" if trained.downscale != 1
-        else "the checkpoint's training scale")
+        (f"the checkpoint's training scale, 1/{trained.downscale:g} of CamVid's" if trained.downscale != 1
+         else "the checkpoint's training scale")
+        + (f", x its test scale {trained.test_scale:g}" if trained.test_scale != 1 else ""))
     return Scoring(tuple(dataset[0][1].shape), trained.input_scale(args.downscale, args.scale), source)
 
 
@@ -153,11 +156,13 @@ def main(args: argparse.Namespace) -> dict:
     scoring = scoring_of(trained, dataset, args)
     loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     amp = devices.amp_dtype(device, args.amp)
+    started = time.perf_counter()
     metrics = inference.evaluate(model, loader, table.num_classes, device, amp, args.channels_last, tta,
                                  scoring.scale, progress=True)
+    metrics["seconds"] = time.perf_counter() - started  # decoding, the model and scoring; not start-up
     metrics["precision"] = "fp32" if getattr(model, "is_onnx", False) else devices.precision_name(amp)
     print(scoring.describe(args.split, len(dataset), args.crop) + (f", TTA {args.tta}" if tta.enabled else "")
-          + f", {metrics['precision']}")
+          + f", {metrics['precision']}; {len(dataset) / metrics['seconds']:.1f} images/s")
     if args.split in trained.train_splits:
         print(f"{args.weights} was trained on {args.split} (--train-splits {','.join(trained.train_splits)}): "
               "these scores are not held out")

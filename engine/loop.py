@@ -58,16 +58,18 @@ def epoch_loss_on_host(loss_sum: torch.Tensor) -> float:
     return loss_sum.item()
 
 
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime) -> dict:
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, runtime: Runtime, scale: float = 1.0) -> dict:
     """Val metrics through the project's one inference path, the one test.py scores with: a confusion matrix
-    over the whole split, the mean per-pixel loss."""
-    return inference.evaluate(model, loader, num_classes, runtime.device, runtime.amp, runtime.channels_last)
+    over the whole split, the mean per-pixel loss; the model run at `scale` x the val images (--test-scale)."""
+    return inference.evaluate(model, loader, num_classes, runtime.device, runtime.amp, runtime.channels_last,
+                              scale=scale)
 
 
 def val_samples(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to 3 val images spread over the split, their labels and the model's prediction."""
     runtime = run.runtime
-    runner = inference.Runner(run.inference_model(), runtime.device, runtime.amp, runtime.channels_last)
+    runner = inference.Runner(run.inference_model(), runtime.device, runtime.amp, runtime.channels_last,
+                              run.settings.data.test_scale)
     return inference.sample_predictions(runner, run.val_loader.dataset)
 
 
@@ -75,7 +77,8 @@ def validate(run: Run) -> dict:
     """Val metrics of the model every rank holds (the weight average with --ema)."""
     sync_buffers(run.inference_model(), run.runtime.dist)
     # Eager and without DDP: no gradients to synchronise, and no second compiled graph (eval mode) to build.
-    return evaluate(run.inference_model(), run.val_loader, run.table.num_classes, run.runtime)
+    return evaluate(run.inference_model(), run.val_loader, run.table.num_classes, run.runtime,
+                    run.settings.data.test_scale)
 
 
 def sync_buffers(model: nn.Module, dist_info: devices.DistInfo) -> None:

@@ -78,7 +78,8 @@ def start_block(run: Run) -> str:
         f"model    {model.config.variant} on {model.config.backbone}{width}: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters",
         f"data     {data.root}: {len(run.train_loader.dataset)} train, {len(run.val_loader.dataset)} val "
-        f"images{shrunk}, crops {data.crop_size[0]}x{data.crop_size[1]}",
+        f"images{shrunk}, crops {data.crop_size[0]}x{data.crop_size[1]}"
+        + (f", validated at {data.test_scale:g}x (--test-scale)" if data.test_scale != 1 else ""),
         f"steps    {batch * accum * world} images a step ({shape}" + (f" x {world} processes" if world > 1 else "")
         + f"), {schedule.steps_per_epoch} steps an epoch",
         f"plan     {plan}{resumed}",

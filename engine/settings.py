@@ -27,6 +27,7 @@ class DataSettings:
     cache: bool = False
     pin_memory: bool = True
     label_cache: Path | None = None  # None: every mask decoded and encoded every time
+    test_scale: float = 1.0  # the model's input scale in validation, relative to the training images
 
     @property
     def val_trained_on(self) -> bool:

@@ -53,7 +53,7 @@ def warm_up(run: Run) -> list[tuple[str, tuple[int, ...]]]:
             train_shape(run, shape)
         else:
             runner = inference.Runner(run.inference_model().eval(), runtime.device, runtime.amp,
-                                      runtime.channels_last)
+                                      runtime.channels_last, data.test_scale)
             runner.scores(torch.zeros(shape, dtype=torch.uint8))
     run.model.train()
     with torch.no_grad():

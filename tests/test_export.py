@@ -48,9 +48,11 @@ def tiny_model() -> FCN:
     return model.eval()
 
 
-def save(model: FCN, path: Path, downscale: float | None = None) -> Path:
-    """A checkpoint of the model; with `downscale`, as train.py --downscale writes it."""
-    config = {"model": model.config.to_dict(), **({"train": {"downscale": downscale}} if downscale else {})}
+def save(model: FCN, path: Path, downscale: float | None = None, test_scale: float | None = None) -> Path:
+    """A checkpoint of the model; with `downscale` and `test_scale`, as train.py --downscale/--test-scale write
+    them."""
+    train = {key: value for key, value in (("downscale", downscale), ("test_scale", test_scale)) if value}
+    config = {"model": model.config.to_dict(), **({"train": train} if train else {})}
     save_checkpoint({"model": model.state_dict(), "config": config, "class_names": list(TABLE.names)}, path)
     return path
 
@@ -58,9 +60,9 @@ def save(model: FCN, path: Path, downscale: float | None = None) -> Path:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, camvid):
     """One export through the CLI with its defaults (dynamo exporter, parity at 360x480 and 100x150, plus
-    the fixture's real images) of a checkpoint trained at --downscale 2: (checkpoint, onnx file, completed
-    process)."""
-    weights = save(tiny_model(), tmp_path_factory.mktemp("export") / "best.pth", downscale=2.0)
+    the fixture's real images) of a checkpoint trained at --downscale 2 --test-scale 1.5: (checkpoint, onnx file,
+    completed process)."""
+    weights = save(tiny_model(), tmp_path_factory.mktemp("export") / "best.pth", downscale=2.0, test_scale=1.5)
     result = run_cli("export.py", "--weights", str(weights), "--data-root", str(camvid))
     return weights, weights.with_suffix(".onnx"), result
 
@@ -84,7 +86,7 @@ def test_export_cli_checks_parity_at_real_sizes_and_writes_metadata(exported):
     assert json.loads(meta["class_colors"]) == TABLE.colors.tolist()
     assert json.loads(meta["mean"]) == list(cfg.IMAGENET_MEAN) and json.loads(meta["std"]) == list(cfg.IMAGENET_STD)
     assert "ImageNet-normalised" in meta["input"] and json.loads(meta["model"])["fc_width"] == 16
-    assert meta["downscale"] == "2.0"  # the training scale, which predict.py and test.py apply
+    assert (meta["downscale"], meta["test_scale"]) == ("2.0", "1.5")  # the scale predict.py and test.py apply
     dims = [[d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
             for value in (graph.graph.input[0], graph.graph.output[0])]
     assert dims == [["batch", 3, "height", "width"], ["batch", TABLE.num_classes, "height", "width"]]
@@ -259,7 +261,8 @@ def test_export_bad_inputs(tmp_path):
 
 
 def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, tmp_path):
-    """Both run at the checkpoint's training scale (0.5): the .onnx file carries it in its metadata."""
+    """Both run at the checkpoint's scale (1.5 x its training scale 1/2): the .onnx file carries it in its
+    metadata."""
     import predict
     import test as test_script
     weights, path, _ = exported
@@ -278,7 +281,7 @@ def test_predict_and_test_through_onnx_runtime_equal_pytorch(exported, camvid, t
              "--workers", "0", "--no-amp", "--json", str(tmp_path / f"{name}.json")]))
         metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert abs(metrics["onnx"]["pixel_accuracy"] - metrics["pth"]["pixel_accuracy"]) <= 0.001
-    assert metrics["onnx"]["scale"] == metrics["pth"]["scale"] == 0.5
+    assert metrics["onnx"]["scale"] == metrics["pth"]["scale"] == 0.75
 
 
 def test_bench_onnx_times_ort_beside_eager_and_fast(capsys):

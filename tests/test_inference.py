@@ -114,12 +114,14 @@ def test_load_model_dispatches_onnx_files_to_onnx_backend(weights, monkeypatch):
     fake = types.SimpleNamespace(load_onnx=lambda *args: calls.append(args) or graph,
                                  metadata_table=lambda metadata: None, check_classes=lambda *args: None)
     monkeypatch.setitem(sys.modules, "onnx_backend", fake)
-    model, table, downscale, _ = inference.load_model("model.onnx", None, torch.device("cpu"))
+    model, table, downscale, _, test_scale = inference.load_model("model.onnx", None, torch.device("cpu"))
     assert model is graph and table.names == TABLE.names  # no class table in the metadata: data/class_dict.csv
-    assert calls == [("model.onnx", None, torch.device("cpu"))] and downscale == 1.0
-    graph.metadata["downscale"] = "4.0"  # what export.py writes for a --downscale 4 checkpoint
-    assert inference.load_model("model.onnx", None, torch.device("cpu")).downscale == 4.0
-    loaded, table, _, _ = inference.load_model(weights, None, torch.device("cpu"))
+    assert calls == [("model.onnx", None, torch.device("cpu"))] and downscale == test_scale == 1.0
+    # what export.py writes for a --downscale 4 --test-scale 1.25 checkpoint
+    graph.metadata.update(downscale="4.0", test_scale="1.25")
+    loaded = inference.load_model("model.onnx", None, torch.device("cpu"))
+    assert (loaded.downscale, loaded.test_scale, loaded.input_scale()) == (4.0, 1.25, 0.3125)
+    loaded, table, *_ = inference.load_model(weights, None, torch.device("cpu"))
     assert isinstance(loaded, FCN) and not loaded.training and table.names == TABLE.names
 
 
@@ -233,7 +235,57 @@ def test_scale_overrides_the_training_scale_and_predict_uses_it_too(quarter_scal
 
 def test_a_checkpoint_without_a_training_scale_runs_at_scale_1(weights):
     trained = inference.load_model(weights, None, torch.device("cpu"))
-    assert trained.downscale == 1.0 and trained.input_scale() == 1.0 and trained.input_scale(4.0) == 4.0
-    assert trained.input_scale(4.0, scale=0.5) == 0.5
+    assert trained.downscale == trained.test_scale == 1.0 and trained.input_scale() == 1.0
+    assert trained.input_scale(4.0) == 4.0 and trained.input_scale(4.0, scale=0.5) == 0.5
     with pytest.raises(UserError, match="training downscale 'x' is not a positive number"):
-        inference.parse_downscale("x", "model.onnx")
+        inference.parse_factor("x", "model.onnx")
+    with pytest.raises(UserError, match="best.pth: test scale -1 is not a positive number"):
+        inference.trained_test_scale({"config": {"train": {"test_scale": -1}}}, "best.pth")
+
+
+def test_a_test_scale_is_what_validation_test_py_and_predict_run_the_model_at(quarter_scale_run, tmp_path_factory,
+                                                                               tmp_path, capsys, monkeypatch):
+    """train.py --downscale 4 --test-scale 1.5: the 90x120 val images run at 135x180 in validation, and test.py
+    scores what validation scored; on 360x480 labels the model runs at 0.375x, and predict.py does the same."""
+    from conftest import SMALL_TRAIN, train_in_process
+    from engine.checkpoints import load_checkpoint
+    root, _ = quarter_scale_run
+    run = tmp_path_factory.mktemp("test-scale")
+    train_in_process("--data-root", str(root), "--out", str(run), *SMALL_TRAIN, "--epochs", "1", "--downscale", "4",
+                     "--test-scale", "1.5")
+    assert "images, shrunk 4x, crops 32x32, validated at 1.5x (--test-scale)\n" in capsys.readouterr().out
+    shapes = recording_model_inputs(monkeypatch)
+    scored = {}
+    for name, flags in (("own", []), ("training scale", ["--scale", "1"]), ("benchmark", None)):
+        labels = ["--downscale", "4", *flags] if flags is not None else []
+        test_script.main(test_script.get_args_parser().parse_args(
+            ["--data-root", str(root), "--weights", str(run / "best.pth"), "--workers", "0", "--device", "cpu",
+             "--split", "val", "--no-amp", "--json", str(tmp_path / "m.json"), *labels]))
+        scored[name] = json.loads((tmp_path / "m.json").read_text())
+    assert shapes == [(1, 3, 135, 180), (1, 3, 90, 120), (1, 3, 135, 180)]
+    assert [scored[name]["scale"] for name in ("own", "training scale", "benchmark")] == [1.5, 1.0, 0.375]
+    out = capsys.readouterr().out
+    assert "model input 0.375x (135x180, the checkpoint's training scale, 1/4 of CamVid's, x its test scale 1.5), " \
+           "logits resized to the labels, fp32; " in out and out.count(" images/s\n") == 3
+    assert all(result["seconds"] > 0 for result in scored.values())
+    validated = load_checkpoint(run / "best.pth")["metrics"]
+    for metric in ("miou", "pixel_accuracy", "mean_pixel_accuracy"):
+        assert scored["own"][metric] == pytest.approx(validated[metric], abs=1e-9), metric
+    # the model scores otherwise at its training scale, so the equality above says which scale validation used
+    assert scored["training scale"]["pixel_accuracy"] != pytest.approx(validated["pixel_accuracy"], abs=1e-6)
+    import predict
+    predict.main(predict.get_args_parser().parse_args(
+        ["--weights", str(run / "best.pth"), "--input", str(root / "test" / "test_000.png"), "--out",
+         str(tmp_path / "masks"), "--workers", "0", "--device", "cpu"]))
+    assert shapes[-1] == (1, 3, 135, 180) and Image.open(tmp_path / "masks" / "test_000.png").size == (480, 360)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "9"])
+def test_a_test_scale_outside_0_to_8_is_one_line(quarter_scale_run, tmp_path, value):
+    import train
+    root, _ = quarter_scale_run
+    with pytest.raises(UserError) as error:
+        train.setup(train.parse_args(["--data-root", str(root), "--out", str(tmp_path / "run"), "--device", "cpu",
+                                      "--test-scale", value]))
+    assert str(error.value) == f"--test-scale: expected a factor in (0, 8], got {float(value)}"
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,15 @@ def test_warm_up_meets_every_shape_and_learns_nothing(camvid, tmp_path):
     assert torch.equal(torch.get_rng_state(), rng) and run.model.training
 
 
+def test_warm_up_runs_the_val_shapes_at_the_test_scale(camvid, tmp_path):
+    run = small_run(camvid, tmp_path, "--test-scale", "1.5")
+    run.runtime.compile = True
+    inputs = []
+    run.inference_model().register_forward_pre_hook(lambda module, args: inputs.append(tuple(args[0].shape)))
+    warm_up(run)
+    assert inputs == [(2, 3, 32, 32), (2, 3, 96, 144), (1, 3, 96, 144)]  # val images of 64x96, run at 1.5x
+
+
 def test_no_warm_up_on_a_cpu_without_compile(camvid, tmp_path):
     assert warm_up(small_run(camvid, tmp_path)) == []
 

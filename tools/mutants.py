@@ -39,7 +39,7 @@ class Mutant:
 DATA, METRICS, RECIPE = ("tests/test_data.py",), ("tests/test_metrics.py",), ("tests/test_recipe.py",)
 RESUME = ("tests/test_resume_equality.py",)
 DOWNLOAD = ("tests/test_download.py",)
-SCALE = ("tests/test_inference.py", "-k", "training_scale or dispatches")
+SCALE = ("tests/test_inference.py", "-k", "training_scale or dispatches or test_scale")
 ACCUM = ("tests/test_accumulation.py",)
 BUDGET = ("tests/test_budget.py",)
 BACKBONES = ("tests/test_backbones.py", "-k", "not goes_through")
@@ -236,7 +236,21 @@ MUTANTS = [
     Mutant("training-scale-not-read", "inference.py",
            'state.get("config", {}).get("train", {}).get("downscale") or 1.0', "1.0", SCALE),
     Mutant("onnx-training-scale-not-read", "inference.py",
-           'parse_downscale(model.metadata.get("downscale", 1.0), weights)', "1.0", SCALE),
+           'parse_factor(model.metadata.get("downscale", 1.0), weights)', "1.0", SCALE),
+    # the scale a checkpoint is run at beyond its training scale (train.py --test-scale)
+    Mutant("test-scale-ignored", "inference.py", "downscale / self.downscale * self.test_scale",
+           "downscale / self.downscale", SCALE),
+    Mutant("test-scale-not-read", "inference.py",
+           'state.get("config", {}).get("train", {}).get("test_scale") or 1.0', "1.0", SCALE),
+    Mutant("onnx-test-scale-not-read", "inference.py",
+           'parse_factor(model.metadata.get("test_scale", 1.0), weights, "test scale")', "1.0", SCALE),
+    Mutant("validation-ignores-the-test-scale", "engine/loop.py",
+           "run.runtime,\n                    run.settings.data.test_scale)", "run.runtime)", SCALE),
+    Mutant("test-scale-unchecked", "train.py", "    if not 0 < args.test_scale <= 8:\n", "    if False:\n", SCALE),
+    Mutant("warm-up-ignores-the-test-scale", "engine/warmup.py", "runtime.channels_last, data.test_scale)",
+           "runtime.channels_last)", ("tests/test_loop.py", "-k", "warm_up")),
+    Mutant("export-drops-the-test-scale", "export.py", '            "test_scale": str(test_scale),\n', "",
+           ("tests/test_export.py", "-k", "metadata or onnx_runtime_equal")),
     Mutant("predict-ignores-the-training-scale", "predict.py", "trained.input_scale(scale=args.scale)",
            "args.scale or 1.0", SCALE),
     Mutant("export-drops-the-training-scale", "export.py", ' "downscale": str(downscale),', "",
