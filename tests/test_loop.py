@@ -55,6 +55,14 @@ def test_warm_up_runs_the_val_shapes_at_the_test_scale(camvid, tmp_path):
     assert inputs == [(2, 3, 32, 32), (2, 3, 96, 144), (1, 3, 96, 144)]  # val images of 64x96, run at 1.5x
 
 
+def test_val_samples_are_drawn_at_the_test_scale(camvid, tmp_path):
+    run = small_run(camvid, tmp_path, "--test-scale", "1.5")
+    inputs = []
+    run.inference_model().register_forward_pre_hook(lambda module, args: inputs.append(tuple(args[0].shape)))
+    images, labels, predictions = loop.val_samples(run)
+    assert inputs == [(3, 3, 96, 144)] and predictions.shape == labels.shape == (3, 64, 96)
+
+
 def test_no_warm_up_on_a_cpu_without_compile(camvid, tmp_path):
     assert warm_up(small_run(camvid, tmp_path)) == []
 
