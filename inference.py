@@ -52,19 +52,24 @@ def load_model(weights: str | Path, class_dict: str | Path | None, device: torch
     state = load_checkpoint(weights)
     table = trained_table(saved_table(state), class_dict, fallback, weights)
     model = model_from_checkpoint(state, table, weights).to(device).eval()
-    splits = state.get("config", {}).get("train", {}).get("train_splits") or "train"
+    splits = saved_flags(state).get("train_splits") or "train"
     return Trained(model, table, trained_downscale(state, weights), tuple(splits.split(",")),
                    trained_test_scale(state, weights))
 
 
+def saved_flags(state: dict) -> dict:
+    """The train.py flags a checkpoint's configuration records (none in checkpoints written before they were)."""
+    return state.get("config", {}).get("train", {})
+
+
 def trained_downscale(state: dict, source: str | Path) -> float:
     """train.py's --downscale saved in a checkpoint's configuration (1 for checkpoints without it), checked."""
-    return parse_factor(state.get("config", {}).get("train", {}).get("downscale") or 1.0, source)
+    return parse_factor(saved_flags(state).get("downscale") or 1.0, source)
 
 
 def trained_test_scale(state: dict, source: str | Path) -> float:
     """train.py's --test-scale saved in a checkpoint's configuration (1 for checkpoints without it), checked."""
-    return parse_factor(state.get("config", {}).get("train", {}).get("test_scale") or 1.0, source, "test scale")
+    return parse_factor(saved_flags(state).get("test_scale") or 1.0, source, "test scale")
 
 
 def parse_factor(value: object, source: str | Path, what: str = "training downscale") -> float:
