@@ -149,8 +149,8 @@ def check_parity(model: FCN, onnx_model: onnx_backend.OnnxModel, inputs: list[tu
             raise UserError(f"parity check failed: ONNX Runtime cannot run {name} ({str(exc).splitlines()[0]}); "
                             "nothing written") from exc
         expected = model(batch)
-        labels = expected.argmax(1)
-        agreement = (labels == actual.argmax(1)).double().mean().item()
+        labels = inference.predicted_classes(expected)
+        agreement = (labels == inference.predicted_classes(actual)).double().mean().item()
         worst = min(worst, agreement)
         print(f"parity {name}: max |logit difference| {(expected - actual).abs().max().item():.3g}, "
               f"argmax agreement {100 * agreement:.3f} % ({labels.unique().numel()} classes predicted)")
