@@ -47,9 +47,9 @@ BUDGET_SIM = ("tests/test_budget.py", "-k", "simulated")
 LEVERS = ("tests/test_levers.py",)
 MUTANTS = [
     # metrics
-    Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(scores.argmax(1), labels)\n",
+    Mutant("evaluate-keeps-last-batch", "inference.py", "        confusion.update(predicted_classes(scores), labels)\n",
            "        confusion = ConfusionMatrix(num_classes, device)\n"
-           "        confusion.update(scores.argmax(1), labels)\n", METRICS),
+           "        confusion.update(predicted_classes(scores), labels)\n", METRICS),
     Mutant("confusion-transposed", "evalution_segmentaion.py", "target * n + prediction", "prediction * n + target",
            METRICS),
     Mutant("iou-union-double-counts", "evalution_segmentaion.py",
