@@ -59,6 +59,12 @@ def test_parse_tta():
             inference.parse_tta(bad)
 
 
+def test_predicted_classes_are_argmax_ties_included_in_either_memory_format():
+    scores = torch.randint(0, 3, (2, 5, 7, 9), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    for layout in (torch.contiguous_format, torch.channels_last):
+        assert torch.equal(inference.predicted_classes(scores.contiguous(memory_format=layout)), scores.argmax(1))
+
+
 def test_flip_tta_prediction_of_a_mirrored_image_is_the_mirrored_prediction(model):
     batch = images(1)
     flip = runner(model, tta=inference.TTA(flip=True))
